@@ -1,0 +1,208 @@
+"""The pacifica-cartd verbs on `/{cart_id}` plus `/status`.  HTTP concerns only."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from cartd import bundle, carts
+from cartd.api.errors import error_response
+from cartd.db.models import CartState
+from cartd.runtime import Runtime
+from cartd.schemas import (
+    CART_ID_PATTERN,
+    CartRequest,
+    CartStatus,
+    ErrorBody,
+    Message,
+    valid_cart_id,
+)
+
+router = APIRouter()
+
+
+def _runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def _cart_id(
+    cart_id: Annotated[
+        str, PathParam(description=f"Client-chosen id matching {CART_ID_PATTERN}, not '.' or '..'.")
+    ],
+) -> str:
+    if not valid_cart_id(cart_id):
+        raise HTTPException(
+            400,
+            f"invalid cart id {cart_id[:140]!r}: use 1-128 characters "
+            "from [A-Za-z0-9._~-], not '.' or '..'",
+        )
+    return cart_id
+
+
+RuntimeDep = Annotated[Runtime, Depends(_runtime)]
+CartId = Annotated[str, Depends(_cart_id)]
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorBody} for code in codes}
+
+
+CART_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "Parsed as JSON whatever the Content-Type (curl --upload-file sends none).",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CartRequest"}}},
+    }
+}
+
+
+@router.get("/", response_model=Message, summary="Liveness message (pacifica-cartd compatible)")
+async def root() -> Message:
+    return Message(message="Pacifica Cartd Interface Up and Running")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"request body larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPException(413, f"request body larger than {limit} bytes")
+    return bytes(body)
+
+
+@router.post(
+    "/{cart_id}",
+    status_code=201,
+    response_model=Message,
+    openapi_extra=CART_BODY,
+    responses=_errors(400, 409, 413),
+    summary="Create a cart and start staging it",
+)
+async def create_cart(cart_id: CartId, request: Request, runtime: RuntimeDep) -> Response:
+    body = await _read_body(request, runtime.settings.max_request_bytes)
+    try:
+        cart = carts.parse_cart(body, runtime.settings.max_files_per_cart)
+        created = await carts.create_cart(runtime.sessions, cart_id, cart)
+    except carts.InvalidCart as exc:
+        return error_response(400, str(exc))
+    except carts.CartConflict as exc:
+        return error_response(409, str(exc))
+    if created.new:
+        runtime.worker.wake()
+    location = str(request.url_for("download_cart", cart_id=cart_id))
+    return JSONResponse(
+        {"message": "Cart Processing has begun"}, 201, headers={"Location": location}
+    )
+
+
+def _status_headers(state: str, message: str) -> dict[str, str]:
+    public = state if state in (CartState.READY, CartState.ERROR) else "staging"
+    # Header values must be latin-1 and single-line; the JSON status has the full text.
+    safe = " ".join(message.split()).encode("latin-1", "replace").decode("latin-1")
+    return {"X-Pacifica-Status": public, "X-Pacifica-Message": safe}
+
+
+@router.head(
+    "/{cart_id}",
+    status_code=204,
+    summary="Cart status in X-Pacifica-Status / X-Pacifica-Message",
+    responses={404: {"description": "No such cart"}, 500: {"description": "The cart is in error"}},
+)
+async def head_cart(cart_id: CartId, runtime: RuntimeDep) -> Response:
+    try:
+        cart = await carts.find_cart(runtime.sessions, cart_id, touch=True)
+    except carts.CartNotFound as exc:
+        return Response(status_code=404, headers=_status_headers("error", str(exc)))
+    code = 500 if cart.state == CartState.ERROR else 204
+    return Response(status_code=code, headers=_status_headers(cart.state, cart.message))
+
+
+@router.get(
+    "/{cart_id}/status",
+    response_model=CartStatus,
+    responses=_errors(400, 404),
+    summary="Progress: cart state, counts, bytes and per-file detail",
+)
+async def cart_status(cart_id: CartId, runtime: RuntimeDep) -> CartStatus | Response:
+    try:
+        return await carts.cart_status(runtime.sessions, cart_id)
+    except carts.CartNotFound as exc:
+        return error_response(404, str(exc))
+
+
+@router.get(
+    "/{cart_id}",
+    name="download_cart",
+    summary="Download a ready cart as a tar stream",
+    responses={
+        200: {"content": {"application/x-tar": {}}, "description": "The bundle (PAX tar)."},
+        202: {"model": Message, "description": "Still staging."},
+        **_errors(400, 404, 409),
+    },
+)
+async def download_cart(
+    cart_id: CartId,
+    runtime: RuntimeDep,
+    filename: Annotated[
+        str | None, Query(description="Bundle name; default data_<time>.tar")
+    ] = None,
+) -> Response:
+    try:
+        name = bundle.check_name(filename or bundle.default_name())
+        cart, files = await carts.ready_files(runtime.sessions, cart_id)
+    except bundle.InvalidBundleName as exc:
+        return error_response(400, str(exc))
+    except carts.CartNotFound as exc:
+        return error_response(404, str(exc))
+    if cart.state == CartState.ERROR:
+        return error_response(409, cart.message or "The cart is in error")
+    if cart.state != CartState.READY:
+        return JSONResponse({"message": "The cart is not ready for download."}, 202)
+    staged = [
+        bundle.StagedFile(
+            f.path, f.size or 0, f.mtime or 0.0, runtime.volume.file_path(cart.id, f.id)
+        )
+        for f in files
+    ]
+    plan = await asyncio.to_thread(bundle.plan_tar, name, staged)
+    headers = {
+        "Content-Length": str(plan.size),
+        "Content-Disposition": bundle.content_disposition(name),
+    }
+    body = _hold_while_streaming(runtime, cart.id, plan)
+    return StreamingResponse(body, media_type="application/x-tar", headers=headers)
+
+
+async def _hold_while_streaming(
+    runtime: Runtime, cart_id: int, plan: bundle.Plan
+) -> AsyncIterator[bytes]:
+    with runtime.volume.streaming(cart_id):
+        async for chunk in bundle.stream(plan, runtime.settings.transfer_size):
+            yield chunk
+
+
+@router.delete(
+    "/{cart_id}",
+    response_model=Message,
+    responses=_errors(400, 404),
+    summary="Delete a cart, cancelling its staging and freeing its files",
+)
+async def delete_cart(cart_id: CartId, runtime: RuntimeDep) -> Response:
+    try:
+        await carts.delete_cart(runtime.sessions, runtime.worker, runtime.volume, cart_id)
+    except carts.CartNotFound:
+        return error_response(404, "The cart does not exist or has already been deleted")
+    return JSONResponse({"message": "Cart Deleted Successfully"})
+
+
+__all__ = ["CartRequest", "router"]

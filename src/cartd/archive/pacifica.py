@@ -1,0 +1,134 @@
+"""HTTP client for the Pacifica archive interface (PROTOCOL.md section 3).
+
+Classifies every answer into success, transient or file error; the retry loop lives in
+the worker, which knows the deadlines.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import quote
+
+import httpx
+
+from cartd.archive.base import ArchiveFileError, FileInfo, Media, TransientArchiveError
+from cartd.settings import Settings
+
+_MEDIA_HEADER = "X-Pacifica-File-Storage-Media"
+
+
+def _error_text(response: httpx.Response) -> str:
+    """The archive's JSON `message` when it sent one, else the status line."""
+    try:
+        message = response.json().get("message")
+    except Exception:
+        message = None
+    return str(message) if message else f"HTTP {response.status_code} {response.reason_phrase}"
+
+
+def _check(response: httpx.Response, file_id: str, verb: str) -> None:
+    """Map an archive status code onto our two error kinds; 2xx passes."""
+    code = response.status_code
+    if 200 <= code < 300:
+        return
+    if code == 404:
+        raise ArchiveFileError(f"file {file_id!r} not found in archive")
+    if code >= 500 or code in (408, 429):
+        raise TransientArchiveError(f"archive {verb} {file_id!r}: {_error_text(response)}")
+    raise ArchiveFileError(f"archive {verb} {file_id!r}: {_error_text(response)}")
+
+
+def parse_mtime(value: str | None) -> float:
+    """The reference server sends a float epoch; a standards-minded one an HTTP date."""
+    if not value:
+        return 0.0
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def parse_status(headers: httpx.Headers, file_id: str) -> FileInfo:
+    media_text = headers.get(_MEDIA_HEADER)
+    if media_text is None:
+        raise ArchiveFileError(f"archive reported no storage media for file {file_id!r}")
+    try:
+        media = Media(media_text.strip().lower())
+    except ValueError:
+        raise ArchiveFileError(
+            f"archive reported unknown storage media {media_text!r} for file {file_id!r}"
+        ) from None
+    if media is Media.ERROR:
+        message = headers.get("X-Pacifica-Messsage") or headers.get("X-Pacifica-Message") or ""
+        raise ArchiveFileError(
+            f"archive reported a media error for file {file_id!r} {message}".strip()
+        )
+    try:
+        size = int(headers.get("X-Content-Length", ""))
+    except ValueError:
+        raise ArchiveFileError(f"archive reported no size for file {file_id!r}") from None
+    return FileInfo(size=size, mtime=parse_mtime(headers.get("Last-Modified")), media=media)
+
+
+class PacificaArchive:
+    def __init__(self, base_url: str, settings: Settings) -> None:
+        self.base_url = base_url if base_url.endswith("/") else base_url + "/"
+        self.chunk_size = settings.transfer_size
+        # The connection cap is the archive concurrency limit: the reference server corrupts
+        # concurrent GETs, so sites running it set CARTD_ARCHIVE_CONCURRENCY=1.
+        timeout = httpx.Timeout(
+            settings.archive_read_timeout,
+            connect=settings.archive_connect_timeout,
+            pool=settings.archive_unreachable_timeout,
+        )
+        limits = httpx.Limits(max_connections=settings.archive_concurrency)
+        self.client = httpx.AsyncClient(timeout=timeout, limits=limits)
+
+    def _url(self, file_id: str) -> str:
+        return self.base_url + quote(file_id, safe="")
+
+    async def _request(self, verb: str, file_id: str) -> httpx.Response:
+        try:
+            response = await self.client.request(verb, self._url(file_id))
+        except httpx.TransportError as exc:
+            raise TransientArchiveError(f"archive unreachable: {exc!r}") from exc
+        _check(response, file_id, verb)
+        return response
+
+    async def stage(self, file_id: str) -> None:
+        await self._request("POST", file_id)
+
+    async def status(self, file_id: str) -> FileInfo:
+        response = await self._request("HEAD", file_id)
+        return parse_status(response.headers, file_id)
+
+    @asynccontextmanager
+    async def open(self, file_id: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        request = self.client.build_request("GET", self._url(file_id))
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise TransientArchiveError(f"archive unreachable: {exc!r}") from exc
+        try:
+            if response.is_error:
+                await response.aread()
+            _check(response, file_id, "GET")
+            yield self._chunks(response)
+        finally:
+            await response.aclose()
+
+    async def _chunks(self, response: httpx.Response) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in response.aiter_bytes(self.chunk_size):
+                yield chunk
+        except httpx.TransportError as exc:
+            raise TransientArchiveError(f"archive connection lost mid-file: {exc!r}") from exc
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,182 @@
+"""Cart use cases: create, look up, report, delete.  No HTTP and no SQL strings here.
+
+The API layer turns the exceptions below into status codes; the worker is told about new
+and deleted carts through the two callables it hands in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+
+from cartd.db import store
+from cartd.db.models import Cart, CartFile, CartState
+from cartd.db.session import SessionFactory
+from cartd.schemas import CartRequest, CartStatus, FileStatus
+from cartd.volume import Volume
+from cartd.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class CartError(Exception):
+    """A request the service refuses; the message is meant for the client."""
+
+
+class InvalidCart(CartError):
+    pass
+
+
+class CartNotFound(CartError):
+    pass
+
+
+class CartConflict(CartError):
+    pass
+
+
+@dataclass(frozen=True)
+class Created:
+    cart_id: int
+    new: bool
+
+
+def parse_cart(body: bytes, max_files: int) -> CartRequest:
+    """Decode and validate a POST body; every failure names what is wrong."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidCart(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidCart('request body must be a JSON object with a "fileids" list')
+    fileids = document.get("fileids")
+    if isinstance(fileids, list) and len(fileids) > max_files:
+        raise InvalidCart(f"cart has {len(fileids)} files; the maximum is {max_files}")
+    try:
+        return CartRequest.model_validate(document)
+    except ValidationError as exc:
+        raise InvalidCart(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:5]:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{where.lstrip('.') or 'body'}: {message}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f"; and {more} more errors" if more > 0 else "")
+
+
+def fingerprint(cart: CartRequest) -> str:
+    """Identity of a file list, so a retried POST is recognised as the same cart."""
+    canonical = [[e.archive_id, e.path, e.hashtype, e.hashsum] for e in cart.fileids]
+    return hashlib.sha256(json.dumps(canonical).encode()).hexdigest()
+
+
+def _file_rows(cart: CartRequest) -> list[dict[str, Any]]:
+    return [
+        {
+            "position": i,
+            "archive_id": e.archive_id,
+            "path": e.path,
+            "hashtype": e.hashtype,
+            "hashsum": e.hashsum,
+        }
+        for i, e in enumerate(cart.fileids)
+    ]
+
+
+async def create_cart(sessions: SessionFactory, uid: str, cart: CartRequest) -> Created:
+    """Insert a cart, or accept an identical retry; a different list for a live id conflicts."""
+    digest = fingerprint(cart)
+    for _ in range(2):  # a concurrent identical POST can win the unique index once
+        try:
+            async with sessions.begin() as session:
+                existing = await store.active_cart(session, uid)
+                if existing is None:
+                    row = await store.insert_cart(session, uid, digest, _file_rows(cart))
+                    return Created(row.id, new=True)
+            break
+        except IntegrityError:
+            continue
+    if existing is None or existing.fingerprint != digest:
+        raise CartConflict(f"cart {uid} already exists with a different file list")
+    return Created(existing.id, new=False)
+
+
+async def find_cart(sessions: SessionFactory, uid: str, *, touch: bool = False) -> Cart:
+    async with sessions.begin() as session:
+        cart = await store.active_cart(session, uid)
+        if cart is None:
+            raise CartNotFound(f"No cart with uid {uid} found")
+        if touch:
+            await store.touch(session, cart.id)
+    return cart
+
+
+async def cart_status(sessions: SessionFactory, uid: str) -> CartStatus:
+    async with sessions.begin() as session:
+        cart = await store.active_cart(session, uid)
+        if cart is None:
+            raise CartNotFound(f"No cart with uid {uid} found")
+        totals = await store.cart_totals(session, cart.id)
+        files = await store.cart_files(session, cart.id)
+    return CartStatus(
+        cart_id=uid,
+        state=cart.state,
+        message=cart.message,
+        created_at=cart.created_at,
+        updated_at=cart.updated_at,
+        ready_at=cart.ready_at,
+        last_used_at=cart.last_used_at,
+        files_total=totals.files,
+        files_staged=totals.staged,
+        files_error=totals.errored,
+        bytes_total=totals.bytes_total,
+        bytes_staged=totals.bytes_staged,
+        files=[_file_status(f) for f in files],
+    )
+
+
+def _file_status(row: CartFile) -> FileStatus:
+    return FileStatus(
+        id=row.archive_id,
+        path=row.path,
+        state=row.state,
+        size=row.size,
+        bytes_staged=row.bytes_staged,
+        error=row.error,
+        attempts=row.attempts,
+    )
+
+
+async def ready_files(sessions: SessionFactory, uid: str) -> tuple[Cart, Sequence[CartFile]]:
+    """The cart and its files if it can be downloaded now; touches it for LRU."""
+    async with sessions.begin() as session:
+        cart = await store.active_cart(session, uid)
+        if cart is None:
+            raise CartNotFound("The cart does not exist or has already been deleted")
+        await store.touch(session, cart.id)
+        if cart.state != CartState.READY:
+            return cart, []
+        return cart, await store.cart_files(session, cart.id)
+
+
+async def delete_cart(sessions: SessionFactory, worker: Worker, volume: Volume, uid: str) -> None:
+    """Mark deleted first (the truth), then stop its fetches and free its files."""
+    async with sessions.begin() as session:
+        cart = await store.active_cart(session, uid)
+        if cart is None:
+            raise CartNotFound(f"No cart with uid {uid} found")
+        await store.mark_deleted(session, cart.id)
+    await worker.cancel_cart(cart.id)
+    await volume.remove_cart(cart.id)
+    log.info("cart %s (row %d) deleted", uid, cart.id)

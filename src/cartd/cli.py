@@ -1,0 +1,67 @@
+"""`cartd serve` and `cartd db upgrade`: the operator's entry points."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import uvicorn
+
+from cartd.app import create_app
+from cartd.db.migrate import upgrade
+from cartd.db.session import create_engine, wait_for_database
+from cartd.settings import Settings
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> None:
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = settings.model_copy(update=overrides)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=30,
+    )
+
+
+async def _upgrade(settings: Settings) -> None:
+    engine = create_engine(settings)
+    try:
+        await wait_for_database(engine, settings)
+        await upgrade(engine)
+    finally:
+        await engine.dispose()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cartd", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP service and its staging worker")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1, CARTD_HOST)")
+    serve.add_argument("--port", type=int, help="listen port (default 8081, CARTD_PORT)")
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    db = commands.add_parser("db", help="database maintenance")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("upgrade", help="apply schema migrations (idempotent)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    settings = Settings()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "serve":
+        _serve(args, settings)
+    elif args.command == "db" and args.db_command == "upgrade":
+        asyncio.run(_upgrade(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Persistence: the tables and the engine that hold the service's only source of truth."""

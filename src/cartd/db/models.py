@@ -1,0 +1,79 @@
+"""The two tables.  Every state a cart or file can be in is a row value here.
+
+Times are float epoch seconds (DOUBLE): portable between SQLite and MariaDB, free of
+time-zone surprises, and cheap to compare for LRU ordering.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from sqlalchemy import BigInteger, Double, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class CartState(StrEnum):
+    WAITING = "waiting"
+    STAGING = "staging"
+    READY = "ready"
+    ERROR = "error"
+    DELETED = "deleted"
+
+
+class FileState(StrEnum):
+    WAITING = "waiting"
+    STAGING = "staging"
+    STAGED = "staged"
+    ERROR = "error"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Cart(Base):
+    """A client's cart.  `active_uid` equals `uid` until deletion, then NULL.
+
+    The unique index on `active_uid` lets a deleted cart's id be reused while still making
+    two concurrent POSTs of one id collide in the database rather than in memory.
+    """
+
+    __tablename__ = "carts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    uid: Mapped[str] = mapped_column(String(128), index=True)
+    active_uid: Mapped[str | None] = mapped_column(String(128), unique=True)
+    state: Mapped[str] = mapped_column(String(16), default=CartState.WAITING)
+    message: Mapped[str] = mapped_column(Text, default="")
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    file_count: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Double)
+    updated_at: Mapped[float] = mapped_column(Double)
+    ready_at: Mapped[float | None] = mapped_column(Double, default=None)
+    last_used_at: Mapped[float] = mapped_column(Double)
+    deleted_at: Mapped[float | None] = mapped_column(Double, default=None)
+
+
+class CartFile(Base):
+    """One archive file of a cart.  Its bytes live at `volume/<cart id>/<file id>`."""
+
+    __tablename__ = "cart_files"
+    __table_args__ = (
+        Index("ix_cart_files_cart_position", "cart_id", "position"),
+        Index("ix_cart_files_state_cart", "state", "cart_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    cart_id: Mapped[int] = mapped_column(ForeignKey("carts.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    archive_id: Mapped[str] = mapped_column(String(1024))
+    path: Mapped[str] = mapped_column(Text)
+    hashtype: Mapped[str] = mapped_column(String(32))
+    hashsum: Mapped[str] = mapped_column(String(256))
+    state: Mapped[str] = mapped_column(String(16), default=FileState.WAITING)
+    size: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    bytes_staged: Mapped[int] = mapped_column(BigInteger, default=0)
+    mtime: Mapped[float | None] = mapped_column(Double, default=None)
+    error: Mapped[str] = mapped_column(Text, default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[float] = mapped_column(Double)

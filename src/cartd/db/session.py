@@ -1,0 +1,83 @@
+"""Engine and session factory, tuned per backend.
+
+SQLite gets one pooled connection: every write in this process is then serialised in
+Python instead of racing for SQLite's file lock, which is what produces "database is
+locked".  WAL and a busy timeout still matter for the other processes (`cartd db upgrade`,
+an operator's sqlite3 shell) that may open the file.  MariaDB gets a real pool and READ
+COMMITTED, so short status reads never wait on a long-running staging transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from cartd.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SessionFactory = async_sessionmaker[AsyncSession]
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    for pragma in (
+        "PRAGMA journal_mode=WAL",
+        "PRAGMA busy_timeout=30000",
+        "PRAGMA synchronous=NORMAL",
+        "PRAGMA foreign_keys=ON",
+    ):
+        cursor.execute(pragma)
+    cursor.close()
+
+
+def create_engine(settings: Settings) -> AsyncEngine:
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite":
+        engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=60)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_async_engine(
+        url,
+        pool_size=10,
+        max_overflow=10,
+        pool_recycle=3600,
+        pool_pre_ping=True,
+        isolation_level="READ COMMITTED",
+        connect_args={"charset": "utf8mb4"},
+    )
+
+
+def create_session_factory(engine: AsyncEngine) -> SessionFactory:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def wait_for_database(engine: AsyncEngine, settings: Settings) -> None:
+    """Retry the first connection, because the database often starts after us (compose)."""
+    attempts = settings.database_connect_attempts
+    for attempt in range(1, attempts + 1):
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            return
+        except Exception as exc:
+            if attempt == attempts:
+                raise
+            log.warning(
+                "database not reachable (attempt %d/%d): %s; retrying in %.0fs",
+                attempt,
+                attempts,
+                exc,
+                settings.database_connect_wait,
+            )
+            await asyncio.sleep(settings.database_connect_wait)

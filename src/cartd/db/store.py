@@ -1,0 +1,231 @@
+"""Every SQL statement the service runs, as plain async functions over a session.
+
+State transitions are single conditional UPDATEs (`... WHERE state IN (...)`), so a
+transition that lost a race (a DELETE, a failure elsewhere in the cart) simply matches no
+row instead of overwriting newer state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, case, exists, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from cartd.db.models import Cart, CartFile, CartState, FileState
+
+LIVE_CART_STATES = (CartState.WAITING, CartState.STAGING)
+
+
+@dataclass(frozen=True)
+class FileJob:
+    """What the worker needs to fetch one file, detached from any session."""
+
+    file_id: int
+    cart_id: int
+    archive_id: str
+    hashtype: str
+    hashsum: str
+
+
+@dataclass(frozen=True)
+class CartTotals:
+    files: int
+    staged: int
+    errored: int
+    bytes_total: int
+    bytes_staged: int
+
+
+async def active_cart(session: AsyncSession, uid: str) -> Cart | None:
+    result = await session.execute(select(Cart).where(Cart.active_uid == uid))
+    return result.scalar_one_or_none()
+
+
+async def insert_cart(
+    session: AsyncSession, uid: str, fingerprint: str, files: Sequence[dict[str, Any]]
+) -> Cart:
+    now = time.time()
+    cart = Cart(
+        uid=uid,
+        active_uid=uid,
+        state=CartState.WAITING,
+        message="",
+        fingerprint=fingerprint,
+        file_count=len(files),
+        created_at=now,
+        updated_at=now,
+        last_used_at=now,
+    )
+    session.add(cart)
+    await session.flush()
+    defaults = {
+        "cart_id": cart.id,
+        "state": FileState.WAITING,
+        "bytes_staged": 0,
+        "error": "",
+        "attempts": 0,
+        "updated_at": now,
+    }
+    await session.execute(insert(CartFile), [{**defaults, **row} for row in files])
+    return cart
+
+
+async def mark_deleted(session: AsyncSession, cart_id: int) -> None:
+    now = time.time()
+    await session.execute(
+        update(Cart)
+        .where(Cart.id == cart_id)
+        .values(state=CartState.DELETED, active_uid=None, deleted_at=now, updated_at=now)
+    )
+
+
+async def touch(session: AsyncSession, cart_id: int) -> None:
+    await session.execute(update(Cart).where(Cart.id == cart_id).values(last_used_at=time.time()))
+
+
+async def cart_files(session: AsyncSession, cart_id: int) -> Sequence[CartFile]:
+    result = await session.execute(
+        select(CartFile).where(CartFile.cart_id == cart_id).order_by(CartFile.position)
+    )
+    return result.scalars().all()
+
+
+async def cart_totals(session: AsyncSession, cart_id: int) -> CartTotals:
+    def count_in(state: FileState) -> Any:  # MySQL has no FILTER clause
+        return func.sum(case((CartFile.state == state, 1), else_=0))
+
+    row = (
+        await session.execute(
+            select(
+                func.count(),
+                count_in(FileState.STAGED),
+                count_in(FileState.ERROR),
+                func.sum(func.coalesce(CartFile.size, 0)),
+                func.sum(CartFile.bytes_staged),
+            ).where(CartFile.cart_id == cart_id)
+        )
+    ).one()
+    return CartTotals(*(int(value or 0) for value in row))
+
+
+async def claim_files(session: AsyncSession, limit: int) -> list[FileJob]:
+    """Move up to `limit` waiting files of live carts to `staging`, oldest cart first."""
+    rows = (
+        await session.execute(
+            select(
+                CartFile.id,
+                CartFile.cart_id,
+                CartFile.archive_id,
+                CartFile.hashtype,
+                CartFile.hashsum,
+            )
+            .join(Cart, Cart.id == CartFile.cart_id)
+            .where(CartFile.state == FileState.WAITING, Cart.state.in_(LIVE_CART_STATES))
+            .order_by(CartFile.cart_id, CartFile.position)
+            .limit(limit)
+        )
+    ).all()
+    if not rows:
+        return []
+    now = time.time()
+    await session.execute(
+        update(CartFile)
+        .where(CartFile.id.in_([r[0] for r in rows]))
+        .values(state=FileState.STAGING, attempts=CartFile.attempts + 1, updated_at=now)
+    )
+    await session.execute(
+        update(Cart)
+        .where(Cart.id.in_({r[1] for r in rows}), Cart.state == CartState.WAITING)
+        .values(state=CartState.STAGING, updated_at=now)
+    )
+    return [FileJob(*row) for row in rows]
+
+
+async def record_size(session: AsyncSession, file_id: int, size: int, mtime: float) -> None:
+    await session.execute(
+        update(CartFile)
+        .where(CartFile.id == file_id)
+        .values(size=size, mtime=mtime, updated_at=time.time())
+    )
+
+
+async def file_staged(session: AsyncSession, job: FileJob, size: int) -> bool:
+    """Record a verified file; returns True when that made its cart ready."""
+    now = time.time()
+    await session.execute(
+        update(CartFile)
+        .where(CartFile.id == job.file_id, CartFile.state == FileState.STAGING)
+        .values(state=FileState.STAGED, bytes_staged=size, error="", updated_at=now)
+    )
+    unfinished = exists().where(
+        and_(CartFile.cart_id == job.cart_id, CartFile.state != FileState.STAGED)
+    )
+    result = await session.execute(
+        update(Cart)
+        .where(Cart.id == job.cart_id, Cart.state.in_(LIVE_CART_STATES), ~unfinished)
+        .values(state=CartState.READY, ready_at=now, last_used_at=now, updated_at=now)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def file_failed(session: AsyncSession, job: FileJob, error: str) -> bool:
+    """Record a failed file and fail its cart; True if the cart was live until now."""
+    now = time.time()
+    await session.execute(
+        update(CartFile)
+        .where(CartFile.id == job.file_id)
+        .values(state=FileState.ERROR, error=error, updated_at=now)
+    )
+    result = await session.execute(
+        update(Cart)
+        .where(Cart.id == job.cart_id, Cart.state.in_(LIVE_CART_STATES))
+        .values(state=CartState.ERROR, message=f"Failed to pull file({error})", updated_at=now)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def requeue_interrupted(session: AsyncSession) -> int:
+    """After a restart nothing is in flight, so `staging` rows are work to do again."""
+    result = await session.execute(
+        update(CartFile)
+        .where(CartFile.state == FileState.STAGING)
+        .values(state=FileState.WAITING, updated_at=time.time())
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def live_cart_ids(session: AsyncSession) -> set[int]:
+    result = await session.execute(select(Cart.id).where(Cart.state != CartState.DELETED))
+    return set(result.scalars().all())
+
+
+async def staged_files(session: AsyncSession) -> Sequence[tuple[int, int, int | None]]:
+    """(cart id, file id, size) of every staged file of a non-deleted cart."""
+    result = await session.execute(
+        select(CartFile.cart_id, CartFile.id, CartFile.size)
+        .join(Cart, Cart.id == CartFile.cart_id)
+        .where(CartFile.state == FileState.STAGED, Cart.state != CartState.DELETED)
+    )
+    return [(r[0], r[1], r[2]) for r in result.all()]
+
+
+async def restage_files(session: AsyncSession, file_ids: Sequence[int]) -> None:
+    """Files whose bytes vanished from the volume go back to waiting, their carts to staging."""
+    if not file_ids:
+        return
+    now = time.time()
+    cart_ids = select(CartFile.cart_id).where(CartFile.id.in_(file_ids)).scalar_subquery()
+    await session.execute(
+        update(Cart)
+        .where(Cart.id.in_(cart_ids), Cart.state == CartState.READY)
+        .values(state=CartState.STAGING, ready_at=None, updated_at=now)
+    )
+    await session.execute(
+        update(CartFile)
+        .where(CartFile.id.in_(file_ids))
+        .values(state=FileState.WAITING, bytes_staged=0, updated_at=now)
+    )

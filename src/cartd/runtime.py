@@ -1,0 +1,62 @@
+"""Everything the service holds while it runs, built and torn down in one place.
+
+`create_app`'s lifespan owns one Runtime; tests and the CLI can build one without HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cartd.archive import Archive, open_archive
+from cartd.db.migrate import upgrade
+from cartd.db.session import (
+    SessionFactory,
+    create_engine,
+    create_session_factory,
+    wait_for_database,
+)
+from cartd.recovery import recover
+from cartd.settings import Settings
+from cartd.staging import Stager
+from cartd.volume import Volume
+from cartd.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: SessionFactory
+    archive: Archive
+    volume: Volume
+    worker: Worker
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Runtime]:
+    """Connect, migrate, reconcile the volume, start the worker; undo it all on exit."""
+    engine = create_engine(settings)
+    archive = open_archive(settings)
+    try:
+        await wait_for_database(engine, settings)
+        if settings.auto_migrate:
+            await upgrade(engine)
+        sessions = create_session_factory(engine)
+        volume = Volume(settings.volume_path)
+        await recover(sessions, volume)
+        worker = Worker(sessions, Stager(archive, volume, settings), settings.fetch_concurrency)
+        worker.start()
+        try:
+            yield Runtime(settings, engine, sessions, archive, volume, worker)
+        finally:
+            await worker.stop()
+    finally:
+        await archive.aclose()
+        await engine.dispose()

@@ -1,0 +1,184 @@
+"""Request and response models: the validation rules of PROTOCOL.md, and the OpenAPI shapes."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from functools import cache
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
+
+CART_ID_PATTERN = r"^[A-Za-z0-9._~-]{1,128}$"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_HEX = re.compile(r"^[0-9a-fA-F]+$")
+MAX_PATH_BYTES = 4096
+
+
+def valid_cart_id(cart_id: str) -> bool:
+    return bool(re.fullmatch(CART_ID_PATTERN, cart_id)) and cart_id not in {".", ".."}
+
+
+@cache
+def digest_size(hashtype: str) -> int | None:
+    """Hex length of a hashlib algorithm's digest, or None if we cannot verify with it."""
+    try:
+        hasher = hashlib.new(hashtype)
+    except (ValueError, TypeError):
+        return None
+    if hasher.digest_size == 0:  # shake_* need a length: not a checksum we can compare
+        return None
+    return hasher.digest_size * 2
+
+
+def normalise_path(raw: str) -> str:
+    """Apply PROTOCOL.md's bundle path rules; raise ValueError naming the problem."""
+    path = raw[1:] if raw.startswith("/") else raw
+    if not path:
+        raise ValueError(f"path {raw!r} is empty")
+    if _CONTROL.search(path):
+        raise ValueError(f"path {raw!r} contains a control character")
+    if "\\" in path:
+        raise ValueError(f"path {raw!r} contains a backslash")
+    if len(path.encode()) > MAX_PATH_BYTES:
+        raise ValueError(f"path {raw[:64]!r}... is longer than {MAX_PATH_BYTES} bytes")
+    for segment in path.split("/"):
+        if segment in ("", ".", ".."):
+            problem = "an empty" if not segment else f"a {segment!r}"
+            raise ValueError(
+                f"path {raw!r} has {problem} segment; it must be relative and normalised"
+            )
+    return path
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: StrictStr | StrictInt = Field(description="The file's id in the archive.")
+    path: StrictStr = Field(description="Where the file goes inside the bundle.")
+    hashtype: StrictStr = Field(description="A hashlib algorithm name, e.g. sha1, md5, sha256.")
+    hashsum: StrictStr = Field(description="Expected hex digest (case-insensitive).")
+
+    @field_validator("id")
+    @classmethod
+    def _id_not_empty(cls, value: str | int) -> str | int:
+        if isinstance(value, str) and (not value or "\x00" in value):
+            raise ValueError("id must be a non-empty string without NUL, or an integer")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return normalise_path(value)
+
+    @field_validator("hashtype")
+    @classmethod
+    def _hashtype(cls, value: str) -> str:
+        if digest_size(value.lower()) is None:
+            raise ValueError(f"hashtype {value!r} is not a supported hashlib algorithm")
+        return value.lower()
+
+    @model_validator(mode="after")
+    def _hashsum_matches_type(self) -> FileEntry:
+        expected = digest_size(self.hashtype)
+        if not _HEX.match(self.hashsum) or len(self.hashsum) != expected:
+            raise ValueError(
+                f"hashsum {self.hashsum[:140]!r} is not a {self.hashtype} digest "
+                f"({expected} hex digits)"
+            )
+        self.hashsum = self.hashsum.lower()
+        return self
+
+    @property
+    def archive_id(self) -> str:
+        return str(self.id)
+
+
+class CartRequest(BaseModel):
+    """A cart as pacifica-cartd clients POST it; unknown keys are ignored."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "fileids": [
+                        {
+                            "id": "foo.txt",
+                            "path": "1/2/3/foo.txt",
+                            "hashtype": "sha1",
+                            "hashsum": "f572d396fae9206628714fb2ce00f72e94f2258f",
+                        }
+                    ]
+                }
+            ]
+        },
+    )
+
+    fileids: list[FileEntry] = Field(min_length=1)
+    bundle: Any = Field(
+        None, description="Accepted for 0.7.0 compatibility; bundles are always streamed."
+    )
+
+    @model_validator(mode="after")
+    def _paths_do_not_collide(self) -> CartRequest:
+        seen: dict[str, int] = {}
+        for index, entry in enumerate(self.fileids):
+            if entry.path in seen:
+                raise ValueError(
+                    f"fileids[{index}] path {entry.path!r} duplicates fileids[{seen[entry.path]}]"
+                )
+            seen[entry.path] = index
+        for index, entry in enumerate(self.fileids):
+            parts = entry.path.split("/")
+            for depth in range(1, len(parts)):
+                parent = "/".join(parts[:depth])
+                if parent in seen:
+                    raise ValueError(
+                        f"fileids[{seen[parent]}] path {parent!r} is a directory of "
+                        f"fileids[{index}] path {entry.path!r}"
+                    )
+        return self
+
+
+class Message(BaseModel):
+    message: str
+
+
+class ErrorBody(BaseModel):
+    status: int
+    message: str
+
+
+class FileStatus(BaseModel):
+    id: str
+    path: str
+    state: str
+    size: int | None
+    bytes_staged: int
+    error: str
+    attempts: int
+
+
+class CartStatus(BaseModel):
+    cart_id: str
+    state: str
+    message: str
+    created_at: float
+    updated_at: float
+    ready_at: float | None
+    last_used_at: float
+    files_total: int
+    files_staged: int
+    files_error: int
+    bytes_total: int
+    bytes_staged: int
+    files: list[FileStatus]

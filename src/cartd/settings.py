@@ -1,0 +1,87 @@
+"""The one source of configuration.
+
+Every knob is read here and nowhere else, so that an operator can find all of them in one
+place (and in the README table).  Upstream pacifica-cartd names stay valid as aliases because
+existing deployments set them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _aliases(name: str, upstream: str | None = None) -> AliasChoices:
+    """Accept `CARTD_<NAME>` always, and the upstream spelling where one exists."""
+    choices = [f"CARTD_{name}"]
+    if upstream:
+        choices.append(upstream)
+    return AliasChoices(*choices)
+
+
+class Settings(BaseSettings):
+    """Service configuration; field names are the lower-case `CARTD_*` variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CARTD_", populate_by_name=True, extra="ignore", frozen=True
+    )
+
+    database_url: str = Field(
+        "sqlite+aiosqlite:///cartd.db", validation_alias=_aliases("DATABASE_URL")
+    )
+    volume_path: Path = Field(
+        Path("volume"), validation_alias=_aliases("VOLUME_PATH", "VOLUME_PATH")
+    )
+    archive_interface_url: str = Field(
+        "file:./archive",
+        validation_alias=_aliases("ARCHIVE_INTERFACE_URL", "ARCHIVE_INTERFACE_URL"),
+    )
+    lru_buffer_time: float = Field(
+        0.0, ge=0, validation_alias=_aliases("LRU_BUFFER_TIME", "LRU_BUFFER_TIME")
+    )
+    transfer_size: int = Field(
+        4 * 1024 * 1024, ge=4096, validation_alias=_aliases("TRANSFER_SIZE", "TRANSFER_SIZE")
+    )
+    database_connect_attempts: int = Field(
+        10,
+        ge=1,
+        validation_alias=_aliases("DATABASE_CONNECT_ATTEMPTS", "DATABASE_CONNECT_ATTEMPTS"),
+    )
+    database_connect_wait: float = Field(
+        20.0, ge=0, validation_alias=_aliases("DATABASE_CONNECT_WAIT", "DATABASE_CONNECT_WAIT")
+    )
+    host: str = Field("127.0.0.1", validation_alias=_aliases("HOST"))
+    port: int = Field(8081, ge=0, le=65535, validation_alias=_aliases("PORT"))
+    auto_migrate: bool = Field(True, validation_alias=_aliases("AUTO_MIGRATE"))
+    fetch_concurrency: int = Field(8, ge=1, le=256, validation_alias=_aliases("FETCH_CONCURRENCY"))
+    max_files_per_cart: int = Field(100_000, ge=1, validation_alias=_aliases("MAX_FILES_PER_CART"))
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, validation_alias=_aliases("MAX_REQUEST_BYTES")
+    )
+    stage_timeout: float = Field(6 * 3600.0, gt=0, validation_alias=_aliases("STAGE_TIMEOUT"))
+    status_poll_initial: float = Field(0.5, gt=0, validation_alias=_aliases("STATUS_POLL_INITIAL"))
+    status_poll_max: float = Field(30.0, gt=0, validation_alias=_aliases("STATUS_POLL_MAX"))
+    retry_initial: float = Field(0.5, gt=0, validation_alias=_aliases("RETRY_INITIAL"))
+    retry_max: float = Field(30.0, gt=0, validation_alias=_aliases("RETRY_MAX"))
+    archive_unreachable_timeout: float = Field(
+        600.0, gt=0, validation_alias=_aliases("ARCHIVE_UNREACHABLE_TIMEOUT")
+    )
+    archive_concurrency: int = Field(
+        8, ge=1, le=256, validation_alias=_aliases("ARCHIVE_CONCURRENCY")
+    )
+    archive_connect_timeout: float = Field(
+        10.0, gt=0, validation_alias=_aliases("ARCHIVE_CONNECT_TIMEOUT")
+    )
+    archive_read_timeout: float = Field(
+        300.0, gt=0, validation_alias=_aliases("ARCHIVE_READ_TIMEOUT")
+    )
+
+    @field_validator("archive_interface_url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if urlsplit(value).scheme not in {"http", "https", "file"}:
+            raise ValueError("ARCHIVE_INTERFACE_URL must be an http(s):// or file: URL")
+        return value

@@ -1,0 +1,130 @@
+"""Fetching one file: stage, wait for it to leave tape, stream, verify, commit.
+
+Each step either returns or raises ArchiveFileError with the text that ends up in the
+cart's error message.  Transient faults are retried inside the step that met them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from cartd.archive import Archive, ArchiveFileError, FileInfo, Media, TransientArchiveError
+from cartd.db.store import FileJob
+from cartd.retry import Backoff, retry_transient
+from cartd.settings import Settings
+from cartd.volume import Volume, commit_file
+
+log = logging.getLogger(__name__)
+
+HASH_MISMATCH = "File hash does not match provided hash"
+NO_SPACE = "No Space Available"
+
+
+@dataclass(frozen=True)
+class Staged:
+    size: int
+    mtime: float
+
+
+class Stager:
+    """Holds the archive, volume and timing policy that every file fetch shares."""
+
+    def __init__(self, archive: Archive, volume: Volume, settings: Settings) -> None:
+        self.archive = archive
+        self.volume = volume
+        self.settings = settings
+        self.backoff = Backoff(settings.retry_initial, settings.retry_max)
+
+    async def _retry(self, operation: Callable[[], Any]) -> Any:
+        return await retry_transient(
+            operation, self.backoff, self.settings.archive_unreachable_timeout
+        )
+
+    async def bring_online(self, job: FileJob) -> FileInfo:
+        """Ask for the file, then poll until it is on disk, within the stage timeout."""
+        await self._retry(lambda: self.archive.stage(job.archive_id))
+        deadline = time.monotonic() + self.settings.stage_timeout
+        next_delay = Backoff(
+            self.settings.status_poll_initial, self.settings.status_poll_max
+        ).delays()
+        while True:
+            info: FileInfo = await self._retry(lambda: self.archive.status(job.archive_id))
+            if info.media is Media.DISK:
+                return info
+            delay = next_delay()
+            if time.monotonic() + delay > deadline:
+                raise ArchiveFileError(
+                    f"file {job.archive_id!r} still on tape after the stage timeout of "
+                    f"{self.settings.stage_timeout:g}s"
+                )
+            await asyncio.sleep(delay)
+
+    async def fetch(self, job: FileJob, info: FileInfo) -> Staged:
+        """Download and verify; a checksum mismatch earns exactly one more download."""
+        self._check_space(info.size)
+        final = self.volume.file_path(job.cart_id, job.file_id)
+        part = self.volume.part_path(job.cart_id, job.file_id)
+        part.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in (1, 2):
+            digest = await self._retry(lambda: self._transfer(job, info, part))
+            if digest == job.hashsum.lower():
+                await asyncio.to_thread(commit_file, part, final, info.mtime)
+                return Staged(size=info.size, mtime=info.mtime)
+            part.unlink(missing_ok=True)
+            log.warning("checksum mismatch on %s (attempt %d)", job.archive_id, attempt)
+        raise ArchiveFileError(HASH_MISMATCH)
+
+    def _check_space(self, size: int) -> None:
+        if size > psutil.disk_usage(str(self.volume.root)).free:
+            raise ArchiveFileError(NO_SPACE)
+
+    async def _transfer(self, job: FileJob, info: FileInfo, part: Path) -> str:
+        """One download attempt into `part`; a short or long body is a transient fault."""
+        try:
+            received, digest = await self._stream_to(part, job, info.size)
+        except OSError as exc:
+            part.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ArchiveFileError(NO_SPACE) from exc
+            raise
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        if received != info.size:
+            part.unlink(missing_ok=True)
+            raise TransientArchiveError(
+                f"archive sent {received} bytes of {job.archive_id!r}, expected {info.size}"
+            )
+        return digest
+
+    async def _stream_to(self, part: Path, job: FileJob, size: int) -> tuple[int, str]:
+        """Write and hash each chunk in a worker thread so the event loop never blocks on disk.
+
+        Stops reading once the body exceeds the announced size: a misbehaving archive must
+        not be able to fill the volume.
+        """
+        hasher = hashlib.new(job.hashtype)
+        received = 0
+        with open(part, "wb") as handle:  # noqa: ASYNC230 - every write runs in to_thread
+            async with self.archive.open(job.archive_id) as chunks:
+                async for chunk in chunks:
+                    received += len(chunk)
+                    if received > size:
+                        break
+                    await asyncio.to_thread(_write_and_hash, handle, hasher, chunk)
+        return received, hasher.hexdigest()
+
+
+def _write_and_hash(handle: Any, hasher: Any, chunk: bytes) -> None:
+    handle.write(chunk)
+    hasher.update(chunk)

@@ -1,0 +1,95 @@
+"""Where staged bytes live on disk.
+
+Layout: `<volume>/carts/<cart row id>/<file row id>`.  Bundle paths never touch the file
+system, so no client-supplied path can escape its cart directory, and a reused cart uid
+gets a fresh directory.  In-progress downloads are `<file row id>.part`; only a completed,
+verified, fsynced file is renamed to its final name, so a crash can never leave a partial
+file that looks staged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+PART_SUFFIX = ".part"
+
+
+class Volume:
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.carts_dir = self.root / "carts"
+        self._streams: Counter[int] = Counter()
+        self._doomed: set[int] = set()
+
+    def ensure(self) -> None:
+        self.carts_dir.mkdir(parents=True, exist_ok=True)
+
+    def cart_dir(self, cart_id: int) -> Path:
+        return self.carts_dir / str(cart_id)
+
+    def file_path(self, cart_id: int, file_id: int) -> Path:
+        return self.cart_dir(cart_id) / str(file_id)
+
+    def part_path(self, cart_id: int, file_id: int) -> Path:
+        return self.cart_dir(cart_id) / f"{file_id}{PART_SUFFIX}"
+
+    @contextmanager
+    def streaming(self, cart_id: int) -> Iterator[None]:
+        """Hold a cart's files on disk while a download reads them, even across a DELETE."""
+        self._streams[cart_id] += 1
+        try:
+            yield
+        finally:
+            self._streams[cart_id] -= 1
+            if not self._streams[cart_id]:
+                del self._streams[cart_id]
+                if cart_id in self._doomed:
+                    self._doomed.discard(cart_id)
+                    shutil.rmtree(self.cart_dir(cart_id), ignore_errors=True)
+
+    async def remove_cart(self, cart_id: int) -> None:
+        """Delete a cart's files now, or when its last running download ends."""
+        if self._streams[cart_id]:
+            self._doomed.add(cart_id)
+            return
+        self._streams.pop(cart_id, None)
+        await asyncio.to_thread(shutil.rmtree, self.cart_dir(cart_id), True)
+
+    def cart_dirs(self) -> dict[int, Path]:
+        """Every cart directory on disk, by cart row id (for start-up reconciliation)."""
+        found: dict[int, Path] = {}
+        if self.carts_dir.is_dir():
+            for entry in self.carts_dir.iterdir():
+                if entry.is_dir() and entry.name.isdigit():
+                    found[int(entry.name)] = entry
+        return found
+
+    def remove_parts(self, cart_dir: Path) -> None:
+        """Half-written downloads are never resumed: the archive is asked again."""
+        for part in cart_dir.glob(f"*{PART_SUFFIX}"):
+            part.unlink(missing_ok=True)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+
+def commit_file(part: Path, final: Path, mtime: float) -> None:
+    """fsync, set the archive's mtime, then rename: the order makes the final name a promise."""
+    fd = os.open(part, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.utime(part, (mtime, mtime))
+    os.replace(part, final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,124 @@
+"""The staging queue: claim file rows, fetch them concurrently, record the outcome.
+
+A file row moves waiting -> staging (claimed here) -> staged | error (recorded here).
+The database is the queue: nothing is handed over in memory, so a restart (even after
+kill -9) finds every unfinished file as a row and starts it again.  Memory only holds the
+asyncio tasks, so that a DELETE can cancel its cart's fetches promptly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from cartd.archive import ArchiveFileError
+from cartd.db import store
+from cartd.db.session import SessionFactory
+from cartd.db.store import FileJob
+from cartd.staging import Stager
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_SECONDS = 5.0
+ERROR_PAUSE_SECONDS = 2.0
+
+
+class Worker:
+    def __init__(self, sessions: SessionFactory, stager: Stager, concurrency: int) -> None:
+        self.sessions = sessions
+        self.stager = stager
+        self.concurrency = concurrency
+        self._wake = asyncio.Event()
+        self._tasks: dict[asyncio.Task[None], FileJob] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run(), name="cartd-worker")
+
+    async def stop(self) -> None:
+        """Cancel everything; interrupted files stay `staging` and are requeued at next start."""
+        tasks = [*self._tasks, *([self._loop_task] if self._loop_task else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    @property
+    def alive(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    def wake(self) -> None:
+        """New work exists (a cart was created or a slot freed): claim without waiting."""
+        self._wake.set()
+
+    async def cancel_cart(self, cart_id: int) -> None:
+        """Stop a cart's in-flight fetches; their `finally` blocks remove partial files."""
+        doomed = [task for task, job in self._tasks.items() if job.cart_id == cart_id]
+        for task in doomed:
+            task.cancel()
+        await asyncio.gather(*doomed, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                claimed = await self._claim()
+            except Exception:
+                log.exception("claiming work failed; retrying")
+                await asyncio.sleep(ERROR_PAUSE_SECONDS)
+                continue
+            if claimed:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS)
+
+    async def _claim(self) -> int:
+        free = self.concurrency - len(self._tasks)
+        if free <= 0:
+            return 0
+        async with self.sessions.begin() as session:
+            jobs = await store.claim_files(session, free)
+        for job in jobs:
+            task = asyncio.create_task(self._process(job), name=f"fetch-{job.file_id}")
+            self._tasks[task] = job
+            task.add_done_callback(self._finished)
+        return len(jobs)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+        self.wake()
+
+    async def _process(self, job: FileJob) -> None:
+        try:
+            info = await self.stager.bring_online(job)
+            async with self.sessions.begin() as session:
+                await store.record_size(session, job.file_id, info.size, info.mtime)
+            staged = await self.stager.fetch(job, info)
+        except ArchiveFileError as exc:
+            await self._record_failure(job, str(exc))
+            return
+        except Exception as exc:
+            log.exception("unexpected failure fetching %s", job.archive_id)
+            await self._record_failure(job, f"internal error: {exc!r}")
+            return
+        async with self.sessions.begin() as session:
+            ready = await store.file_staged(session, job, staged.size)
+        if ready:
+            log.info("cart %d is ready", job.cart_id)
+
+    async def _record_failure(self, job: FileJob, error: str) -> None:
+        log.warning("file %s of cart %d failed: %s", job.archive_id, job.cart_id, error)
+        async with self.sessions.begin() as session:
+            cart_failed = await store.file_failed(session, job, error)
+        if cart_failed:
+            await self._cancel_siblings(job)
+
+    async def _cancel_siblings(self, job: FileJob) -> None:
+        """A failed cart's other fetches are wasted work; stop them (not ourselves)."""
+        current = asyncio.current_task()
+        siblings = [
+            t for t, j in self._tasks.items() if j.cart_id == job.cart_id and t is not current
+        ]
+        for task in siblings:
+            task.cancel()
