@@ -1,4 +1,4 @@
-"""Apply the Alembic migrations shipped inside the package (as `cartd.migrations`)."""
+"""Apply the Alembic migrations (top-level alembic/, shipped in the wheel as cartd/migrations)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 def _config(connection: Connection) -> Config:
     config = Config()
-    config.set_main_option("script_location", str(files("cartd.migrations")))
+    config.set_main_option("script_location", str(files("cartd") / "migrations"))
     config.attributes["connection"] = connection
     return config
 

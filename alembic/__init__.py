@@ -1,4 +1,0 @@
-"""Schema migrations.
-
-Installed as the `cartd.migrations` package so that `cartd db upgrade` finds them.
-"""

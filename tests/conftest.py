@@ -1,0 +1,181 @@
+"""Shared fixtures: a real database (SQLite file or a throwaway MariaDB schema), a real
+archive server on loopback, and the real service listening on a loopback port.
+
+Service tests run once per database (`db_url` is parametrised).  Set
+CARTD_TEST_DATABASES=sqlite to run without MariaDB locally; CI runs both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pymysql
+import pytest
+import uvicorn
+
+from archive_server import ArchiveServer
+from cartd.app import create_app
+from cartd.settings import Settings
+
+MARIADB = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
+DATABASES = os.environ.get("CARTD_TEST_DATABASES", "sqlite,mariadb").split(",")
+
+# Fast clocks: the behaviour under test is the same, only the waits are shorter.
+FAST = {
+    "retry_initial": 0.02,
+    "retry_max": 0.2,
+    "status_poll_initial": 0.02,
+    "status_poll_max": 0.2,
+    "archive_unreachable_timeout": 3.0,
+    "stage_timeout": 30.0,
+    "archive_connect_timeout": 2.0,
+    "archive_read_timeout": 10.0,
+    "database_connect_attempts": 3,
+    "database_connect_wait": 0.5,
+}
+
+
+@pytest.fixture(params=DATABASES)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'cartd.db'}"
+        return
+    name = f"cartd_test_{uuid.uuid4().hex[:12]}"
+    admin = pymysql.connect(**MARIADB, autocommit=True)
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+        yield f"mysql+aiomysql://root@127.0.0.1:3306/{name}"
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        admin.close()
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Iterator[ArchiveServer]:
+    with ArchiveServer(tmp_path / "archive-store") as server:
+        yield server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServiceThread:
+    """The real ASGI app under uvicorn on a loopback port, in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port = free_port()
+        config = uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning",
+            lifespan="on",
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServiceThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("cartd did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@dataclass
+class Service:
+    """A running cartd plus a client, with the helpers most tests need."""
+
+    thread: ServiceThread
+    client: httpx.Client
+    volume: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.thread.url
+
+    def post(self, cart_id: str, fileids: list[dict[str, Any]]) -> httpx.Response:
+        return self.client.post(f"/{cart_id}", json={"fileids": fileids})
+
+    def state(self, cart_id: str) -> tuple[int, str, str]:
+        response = self.client.head(f"/{cart_id}")
+        return (response.status_code, response.headers["X-Pacifica-Status"],
+                response.headers["X-Pacifica-Message"])
+
+    def wait_settled(self, cart_id: str, timeout: float = 30) -> tuple[int, str, str]:
+        """Poll HEAD like pacifica-downloader does, until the cart leaves `staging`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.state(cart_id)
+            if state[1] != "staging" or time.monotonic() > deadline:
+                return state
+            time.sleep(0.02)
+
+    def status(self, cart_id: str) -> dict[str, Any]:
+        response = self.client.get(f"/{cart_id}/status")
+        response.raise_for_status()
+        body: dict[str, Any] = response.json()
+        return body
+
+
+@pytest.fixture
+def make_service(
+    db_url: str, archive: ArchiveServer, tmp_path: Path
+) -> Iterator[Any]:
+    """Factory: start cartd with overrides; everything started is stopped at teardown."""
+    started: list[Service] = []
+
+    def start(**overrides: Any) -> Service:
+        options = {
+            "database_url": db_url,
+            "volume_path": tmp_path / "volume",
+            "archive_interface_url": archive.url,
+            **FAST,
+            **overrides,
+        }
+        thread = ServiceThread(Settings(**options)).start()
+        client = httpx.Client(base_url=thread.url, timeout=30)
+        service = Service(thread, client, Path(options["volume_path"]))
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.client.close()
+        service.thread.stop()
+
+
+@pytest.fixture
+def service(make_service: Any) -> Service:
+    started: Service = make_service()
+    return started
+
+
+def entry(file_id: str | int, path: str, data: bytes, hashtype: str = "sha1") -> dict[str, Any]:
+    return {"id": file_id, "path": path, "hashtype": hashtype,
+            "hashsum": hashlib.new(hashtype, data).hexdigest()}
