@@ -7,8 +7,9 @@ Create Date: 2026-11-28
 
 from __future__ import annotations
 
-import sqlalchemy as sa
+from typing import Any
 
+import sqlalchemy as sa
 from alembic import op
 
 revision = "0001"
@@ -16,7 +17,7 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
-_MYSQL = {"mysql_charset": "utf8mb4", "mysql_engine": "InnoDB"}
+_MYSQL: dict[str, Any] = {"mysql_charset": "utf8mb4", "mysql_engine": "InnoDB"}
 
 
 def upgrade() -> None:
