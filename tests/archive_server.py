@@ -170,6 +170,7 @@ class _HTTPServer(ThreadingHTTPServer):
         self.stopping = threading.Event()
         self._sockets: set[socket.socket] = set()
         self._sockets_lock = threading.Lock()
+        self._cut = False
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
@@ -182,7 +183,7 @@ class _HTTPServer(ThreadingHTTPServer):
         """Register a connection, or cut it at once if we are shutting down."""
         with self._sockets_lock:
             self._sockets.add(sock)
-            if self.stopping.is_set():
+            if self._cut:
                 _shutdown(sock)
 
     def untrack(self, sock: socket.socket) -> None:
@@ -191,11 +192,16 @@ class _HTTPServer(ThreadingHTTPServer):
             self._sockets.discard(sock)
 
     def cut_all(self) -> None:
-        """Unblock every handler thread stuck in recv() or send()."""
-        self.stopping.set()
+        """Cut every connection, then wake sleeping handlers.
+
+        In that order: a handler woken first could flush the rest of a slow GET
+        into the socket buffer before the cut, and the client would see a whole body.
+        """
         with self._sockets_lock:
+            self._cut = True
             for sock in self._sockets:
                 _shutdown(sock)
+        self.stopping.set()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Clients vanishing mid-reply is the point of these tests, not news."""

@@ -60,7 +60,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "serve":
         _serve(args, settings)
     elif args.command == "db" and args.db_command == "upgrade":
-        asyncio.run(_upgrade(settings))
+        try:
+            asyncio.run(_upgrade(settings))
+        except Exception as exc:  # an operator wants the cause, not a traceback
+            raise SystemExit(f"cartd db upgrade failed: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,46 @@
+# The two README commands.  Each installs exactly what it needs from the committed lock
+# (requirements/constraints.txt) into a local virtualenv, so a fresh machine gets the
+# versions CI tested.  `make lock` refreshes the lock after a pyproject.toml change.
+PYTHON ?= python3
+VENV := .venv
+ARCHIVE_VENV := .venv-archive
+PIP := $(VENV)/bin/pip install --quiet --disable-pip-version-check
+LOCK := requirements/constraints.txt
+
+.PHONY: serve test check lock bench clean
+
+serve: $(VENV)/.runtime
+	$(VENV)/bin/cartd serve
+
+test: $(VENV)/.test $(ARCHIVE_VENV)/.installed
+	$(VENV)/bin/pytest
+
+check: $(VENV)/.test
+	$(VENV)/bin/ruff check src tests alembic
+	$(VENV)/bin/mypy src
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.runtime: $(VENV)/bin/python pyproject.toml $(LOCK)
+	$(PIP) -c $(LOCK) -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/bin/python pyproject.toml $(LOCK)
+	$(PIP) -c $(LOCK) -e '.[test]'
+	touch $@ $(VENV)/.runtime
+
+# The reference pacifica-archiveinterface needs its own, fully pinned environment.
+$(ARCHIVE_VENV)/.installed: requirements/archiveinterface.txt
+	$(PYTHON) -m venv $(ARCHIVE_VENV)
+	$(ARCHIVE_VENV)/bin/pip install --quiet --disable-pip-version-check \
+		-r requirements/archiveinterface.txt
+	touch $@
+
+lock:
+	rm -rf /tmp/cartd-lock && $(PYTHON) -m venv /tmp/cartd-lock
+	/tmp/cartd-lock/bin/pip install --quiet -e '.[test]'
+	/tmp/cartd-lock/bin/pip freeze --exclude-editable | sort > $(LOCK)
+
+clean:
+	rm -rf $(VENV) $(ARCHIVE_VENV)
