@@ -10,6 +10,7 @@ LOCK := requirements/constraints.txt
 .PHONY: serve test check lock bench clean
 
 serve: $(VENV)/.runtime
+	mkdir -p archive
 	$(VENV)/bin/cartd serve
 
 test: $(VENV)/.test $(ARCHIVE_VENV)/.installed

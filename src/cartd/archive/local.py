@@ -7,6 +7,7 @@ through `..` or a symlink, is refused as a file error, never read.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,11 +18,15 @@ import aiofiles
 
 from cartd.archive.base import ArchiveFileError, FileInfo, Media
 
+log = logging.getLogger(__name__)
+
 
 class LocalArchive:
     def __init__(self, root: Path, chunk_size: int) -> None:
         self.root = root.resolve()
         self.chunk_size = chunk_size
+        if not self.root.is_dir():
+            log.warning("local archive %s does not exist; every file will be missing", self.root)
 
     @classmethod
     def from_url(cls, url: str, chunk_size: int) -> LocalArchive:
