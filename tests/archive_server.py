@@ -220,6 +220,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = f"CherryPy/{CHERRYPY_VERSION}"
+    disable_nagle_algorithm = True  # chunk framing is written in small pieces
     server: _HTTPServer
     verb = ""
     file_id = ""
@@ -511,7 +512,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not data or self.verb == "HEAD":
             return
         if self._chunked():
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.write(b"%x\r\n" % len(data))
+            self.wfile.write(data)
+            self.wfile.write(b"\r\n")
         else:
             self.wfile.write(data)
 

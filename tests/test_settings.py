@@ -48,3 +48,10 @@ def test_rejects_unknown_archive_scheme(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("ARCHIVE_INTERFACE_URL", "ftp://archive/")
     with pytest.raises(ValueError, match="ARCHIVE_INTERFACE_URL"):
         Settings()
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name, field in Settings.model_fields.items():
+        assert f"`CARTD_{name.upper()}`" in readme, f"README lacks CARTD_{name.upper()}"
+        assert field.validation_alias is not None

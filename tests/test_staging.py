@@ -1,0 +1,430 @@
+"""Staging failure paths, end to end: the real service against the real archive server.
+
+Every test drives cartd over HTTP and scripts the archive (faults, tape, outages), then
+checks what PROTOCOL.md sections 2-4 promise: the cart's final state and message, the bytes
+in the tar, how many requests the archive saw, and what is left in the volume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import tarfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import archive_server
+from archive_server import ArchiveServer
+from conftest import Service, entry
+
+HASH_MISMATCH = "Failed to pull file(File hash does not match provided hash)"
+MiB = 1024 * 1024
+ARCHIVE_MTIME = 1444938166.5
+
+
+def members(
+    service: Service, cart_id: str, name: str = "cart.tar"
+) -> dict[str, tuple[tarfile.TarInfo, bytes]]:
+    """Download a ready cart: its regular files by path below the top directory."""
+    download = service.client.get(f"/{cart_id}", params={"filename": name})
+    assert download.status_code == 200, download.text
+    assert int(download.headers["content-length"]) == len(download.content)
+    found: dict[str, tuple[tarfile.TarInfo, bytes]] = {}
+    with tarfile.open(fileobj=io.BytesIO(download.content)) as tar:
+        for member in tar.getmembers():
+            if member.isfile():
+                extracted = tar.extractfile(member)
+                assert extracted is not None
+                found[member.name.split("/", 1)[1]] = (member, extracted.read())
+    return found
+
+
+def contents(service: Service, cart_id: str) -> dict[str, bytes]:
+    return {path: data for path, (_, data) in members(service, cart_id).items()}
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def timed_settle(service: Service, cart_id: str) -> tuple[tuple[int, str, str], float]:
+    """Settle a cart that was just POSTed; also return how long that took."""
+    started = time.monotonic()
+    state = service.wait_settled(cart_id)
+    return state, time.monotonic() - started
+
+
+def volume_files(service: Service) -> list[Path]:
+    carts = service.volume / "carts"
+    return sorted(p for p in carts.rglob("*") if p.is_file()) if carts.exists() else []
+
+
+def part_files(service: Service) -> list[Path]:
+    return [p for p in volume_files(service) if p.name.endswith(".part")]
+
+
+# --- checksums -----------------------------------------------------------------------------
+
+
+def test_checksum_mismatch_once_is_retried(service: Service, archive: ArchiveServer) -> None:
+    data = os.urandom(100_000)
+    archive.add_file("f", data)
+    archive.inject("GET", "corrupt", file_id="f", times=1)
+    assert service.post("c", [entry("f", "f.bin", data)]).status_code == 201
+    assert service.wait_settled("c") == (204, "ready", "")
+    assert contents(service, "c") == {"f.bin": data}
+    assert archive.count("GET", "f") == 2
+
+
+def test_checksum_always_wrong_fails_after_exactly_two_gets(
+    service: Service, archive: ArchiveServer
+) -> None:
+    archive.add_file("f", b"what the archive really holds")
+    assert service.post("c", [entry("f", "f.txt", b"what the client expects")]).status_code == 201
+    assert service.wait_settled("c") == (500, "error", HASH_MISMATCH)
+    assert archive.count("GET", "f") == 2
+    assert service.client.get("/c").status_code == 409
+
+
+# --- missing files -------------------------------------------------------------------------
+
+
+def test_missing_file_404_fails_fast_without_retries(
+    make_service: Callable[..., Service], archive: ArchiveServer
+) -> None:
+    service = make_service(archive_unreachable_timeout=10.0)
+    archive.missing_status = 404
+    assert service.post("c", [entry("no-such-file", "x", b"")]).status_code == 201
+    (code, status, message), elapsed = timed_settle(service, "c")
+    assert (code, status) == (500, "error")
+    assert message.startswith("Failed to pull file(")
+    assert "no-such-file" in message
+    assert elapsed < 2.0, f"a 404 must not be retried for {elapsed:.1f}s"
+    assert archive.count("POST", "no-such-file") == 1
+    assert archive.count("GET", "no-such-file") == 0
+
+
+def test_missing_file_reference_500_fails_after_bounded_retries(
+    make_service: Callable[..., Service], archive: ArchiveServer
+) -> None:
+    service = make_service(archive_unreachable_timeout=1.0)
+    assert service.post("c", [entry("no-such-file", "x", b"")]).status_code == 201
+    (code, status, message), elapsed = timed_settle(service, "c")
+    assert (code, status) == (500, "error")
+    assert message.startswith("Failed to pull file(")
+    assert "no-such-file" in message
+    assert elapsed < 1.0 + 2.0
+    posts = archive.count("POST", "no-such-file")
+    assert 2 <= posts <= 40, f"{posts} POSTs in about 1 s is not a bounded backoff"
+
+
+# --- tape ----------------------------------------------------------------------------------
+
+
+def test_tape_file_comes_online_with_spaced_status_polls(
+    service: Service, archive: ArchiveServer
+) -> None:
+    data = os.urandom(10_000)
+    archive.add_file("t", data, tape_delay=1.0)
+    assert service.post("c", [entry("t", "t.bin", data)]).status_code == 201
+    state, elapsed = timed_settle(service, "c")
+    assert state == (204, "ready", "")
+    assert elapsed >= 1.0
+    assert contents(service, "c") == {"t.bin": data}
+    heads = archive.count("HEAD", "t")
+    # status_poll_initial=0.02, max=0.2: about 10 polls in 1 s; a fixed 20 ms spin gives ~50.
+    assert 2 <= heads <= 25, f"{heads} HEADs to wait 1 s for a tape recall"
+
+
+def test_tape_that_never_comes_online_hits_the_stage_timeout(
+    make_service: Callable[..., Service], archive: ArchiveServer
+) -> None:
+    service = make_service(stage_timeout=0.5)
+    archive.add_file("t", b"on tape forever", tape_delay=math.inf)
+    assert service.post("c", [entry("t", "t.txt", b"on tape forever")]).status_code == 201
+    (code, status, message), elapsed = timed_settle(service, "c")
+    assert (code, status) == (500, "error")
+    assert "stage timeout" in message
+    assert elapsed < 0.5 + 2.0
+    assert archive.count("GET", "t") == 0
+
+
+# --- outages -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("outage", ["set_down", "stopped"])
+def test_archive_down_past_the_limit_gives_up(
+    make_service: Callable[..., Service], archive: ArchiveServer, outage: str
+) -> None:
+    service = make_service(archive_unreachable_timeout=1.0)
+    if outage == "stopped":
+        archive.stop()
+    else:
+        archive.set_down(True)
+    assert service.post("c", [entry("f", "f.txt", b"data")]).status_code == 201
+    (code, status, message), elapsed = timed_settle(service, "c")
+    assert (code, status) == (500, "error")
+    assert "unreachable" in message or "gave up" in message, message
+    assert elapsed < 1.0 + 2.0
+
+
+def test_archive_down_briefly_then_back_is_ready(
+    make_service: Callable[..., Service], archive: ArchiveServer
+) -> None:
+    service = make_service(archive_unreachable_timeout=5.0)
+    data = b"survives a short outage"
+    archive.add_file("f", data)
+    archive.set_down(True)
+    revive = threading.Timer(0.5, archive.set_down, args=(False,))
+    revive.start()
+    try:
+        assert service.post("c", [entry("f", "f.txt", data)]).status_code == 201
+        assert service.wait_settled("c") == (204, "ready", "")
+    finally:
+        revive.cancel()
+        revive.join()
+    assert any(code == archive_server.NO_ANSWER for _, _, code in archive.requests)
+    assert contents(service, "c") == {"f.txt": data}
+
+
+# --- transient faults ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("verb", "kind"),
+    [
+        ("POST", "503"),
+        ("HEAD", "503"),
+        ("GET", "503"),
+        ("POST", "drop"),
+        ("HEAD", "drop"),
+        ("GET", "drop"),
+        ("GET", "truncate"),
+        ("GET", "reset"),
+    ],
+)
+def test_transient_fault_is_retried_to_ready(
+    service: Service, archive: ArchiveServer, verb: str, kind: str
+) -> None:
+    data = os.urandom(3 * MiB // 2)  # two archive chunks, so a truncated body is visible
+    archive.add_file("f", data)
+    archive.inject(verb, kind, file_id="f", times=2)
+    assert service.post("c", [entry("f", "f.bin", data, "sha256")]).status_code == 201
+    assert service.wait_settled("c") == (204, "ready", "")
+    assert contents(service, "c") == {"f.bin": data}
+    assert archive.count(verb, "f") >= 3
+    assert part_files(service) == []
+
+
+# --- media errors --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["media_error", "no_media"])
+def test_media_fault_is_a_file_error_and_service_keeps_working(
+    service: Service, archive: ArchiveServer, kind: str
+) -> None:
+    archive.add_file("bad", b"unreadable tape")
+    archive.inject("HEAD", kind, file_id="bad", times=1)
+    assert service.post("c1", [entry("bad", "bad.txt", b"unreadable tape")]).status_code == 201
+    code, status, message = service.wait_settled("c1")
+    assert (code, status) == (500, "error")
+    assert message.startswith("Failed to pull file(")
+    assert "bad" in message
+    assert "media" in message.lower()
+    assert archive.count("HEAD", "bad") == 1
+    assert archive.count("GET", "bad") == 0
+
+    archive.add_file("good", b"fine")
+    assert service.post("c2", [entry("good", "good.txt", b"fine")]).status_code == 201
+    assert service.wait_settled("c2") == (204, "ready", "")
+    assert contents(service, "c2") == {"good.txt": b"fine"}
+
+
+# --- isolation and cancellation ------------------------------------------------------------
+
+
+def test_bad_cart_does_not_affect_a_concurrently_staging_good_cart(
+    service: Service, archive: ArchiveServer
+) -> None:
+    good = os.urandom(50_000)
+    archive.add_file("good", good, tape_delay=math.inf)  # held on tape: surely in flight
+    archive.add_file("bad", b"real bytes")
+    assert service.post("good-cart", [entry("good", "g.bin", good)]).status_code == 201
+    wait_for(lambda: archive.count("HEAD", "good") >= 1)
+    assert service.post("bad-cart", [entry("bad", "b.txt", b"other")]).status_code == 201
+    assert service.wait_settled("bad-cart") == (500, "error", HASH_MISMATCH)
+    assert service.state("good-cart") == (204, "staging", "")
+    archive.add_file("good", good)  # the recall finishes
+    assert service.wait_settled("good-cart") == (204, "ready", "")
+    assert contents(service, "good-cart") == {"g.bin": good}
+
+
+def test_delete_during_fetch_cancels_and_cleans_up(
+    service: Service, archive: ArchiveServer
+) -> None:
+    data = os.urandom(4 * MiB)
+    archive.add_file("slow", data)
+    archive.get_chunk_delay = 0.5  # 4 chunks: about 2 s per GET
+    assert service.post("c", [entry("slow", "slow.bin", data)]).status_code == 201
+    wait_for(lambda: any(p.stat().st_size > 0 for p in part_files(service)))
+    cart_dirs = list((service.volume / "carts").iterdir())
+    assert len(cart_dirs) == 1
+
+    started = time.monotonic()
+    response = service.client.delete("/c")
+    elapsed = time.monotonic() - started
+    assert response.status_code == 200
+    assert response.json()["message"] == "Cart Deleted Successfully"
+    assert elapsed < 1.0, f"DELETE took {elapsed:.1f}s while a fetch was in flight"
+    assert service.state("c")[0] == 404
+    assert not cart_dirs[0].exists()
+    assert part_files(service) == []
+
+    # The worker is free for the next cart, and the cancelled fetch left nothing behind.
+    archive.get_chunk_delay = 0.0
+    archive.add_file("next", b"next")
+    assert service.post("c2", [entry("next", "n.txt", b"next")]).status_code == 201
+    assert service.wait_settled("c2") == (204, "ready", "")
+    assert not cart_dirs[0].exists()
+    assert part_files(service) == []
+
+
+class InFlight:
+    """Counts GET handlers running inside the archive server (its log only sees starts)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = 0
+        self.peak = 0
+
+    def wrap(self, original: Callable[..., None]) -> Callable[..., None]:
+        def counted(handler: Any, *args: Any) -> None:
+            with self.lock:
+                self.now += 1
+                self.peak = max(self.peak, self.now)
+            try:
+                original(handler, *args)
+            finally:
+                with self.lock:
+                    self.now -= 1
+
+        return counted
+
+
+@pytest.fixture
+def get_gauge(monkeypatch: pytest.MonkeyPatch) -> InFlight:
+    gauge = InFlight()
+    monkeypatch.setattr(archive_server._Handler, "_get", gauge.wrap(archive_server._Handler._get))
+    return gauge
+
+
+def test_fetch_concurrency_bounds_concurrent_gets(
+    make_service: Callable[..., Service], archive: ArchiveServer, get_gauge: InFlight
+) -> None:
+    service = make_service(fetch_concurrency=2)
+    archive.get_chunk_delay = 0.1  # two chunks per file: each GET lasts about 0.2 s
+    blobs = {f"f{i}": os.urandom(3 * MiB // 2) for i in range(6)}
+    for name, data in blobs.items():
+        archive.add_file(name, data)
+    fileids = [entry(name, f"{name}.bin", data) for name, data in blobs.items()]
+    assert service.post("c", fileids).status_code == 201
+    assert service.wait_settled("c") == (204, "ready", "")
+    assert get_gauge.peak == 2, f"archive saw at most {get_gauge.peak} GETs at once"
+    assert contents(service, "c") == {f"{name}.bin": data for name, data in blobs.items()}
+
+
+def test_large_file_is_staged_in_many_transfer_chunks(
+    make_service: Callable[..., Service], archive: ArchiveServer
+) -> None:
+    service = make_service(transfer_size=MiB)
+    data = os.urandom(20 * MiB + 12345)
+    archive.add_file("big", data)
+    assert service.post("c", [entry("big", "big.bin", data, "sha256")]).status_code == 201
+    assert service.wait_settled("c") == (204, "ready", "")
+    assert service.status("c")["bytes_staged"] == len(data)
+    staged = contents(service, "c")["big.bin"]
+    assert hashlib.sha256(staged).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_staged_file_keeps_the_archive_mtime(service: Service, archive: ArchiveServer) -> None:
+    archive.add_file("f", b"old file", mtime=ARCHIVE_MTIME)
+    assert service.post("c", [entry("f", "f.txt", b"old file")]).status_code == 201
+    assert service.wait_settled("c") == (204, "ready", "")
+    (on_disk,) = volume_files(service)
+    assert on_disk.stat().st_mtime == pytest.approx(ARCHIVE_MTIME, abs=1e-3)
+    assert members(service, "c")["f.txt"][0].mtime == int(ARCHIVE_MTIME)
+
+
+# --- file: archive -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def local_root(tmp_path: Path) -> Path:
+    root = tmp_path / "local-archive"
+    (root / "sub" / "dir").mkdir(parents=True)
+    return root
+
+
+def test_local_archive_serves_files_and_subdirectory_ids(
+    make_service: Callable[..., Service], local_root: Path
+) -> None:
+    top, deep = b"top level", os.urandom(70_000)
+    (local_root / "top.txt").write_bytes(top)
+    (local_root / "sub" / "dir" / "deep.bin").write_bytes(deep)
+    os.utime(local_root / "sub" / "dir" / "deep.bin", (ARCHIVE_MTIME, ARCHIVE_MTIME))
+    service = make_service(archive_interface_url=f"file://{local_root}", transfer_size=16384)
+    fileids = [entry("top.txt", "/top.txt", top), entry("sub/dir/deep.bin", "a/deep.bin", deep)]
+    assert service.post("c", fileids).status_code == 201
+    assert service.wait_settled("c") == (204, "ready", "")
+    found = members(service, "c")
+    assert {path: data for path, (_, data) in found.items()} == {
+        "top.txt": top,
+        "a/deep.bin": deep,
+    }
+    assert found["a/deep.bin"][0].mtime == int(ARCHIVE_MTIME)
+
+
+def test_local_archive_checksum_is_verified(
+    make_service: Callable[..., Service], local_root: Path
+) -> None:
+    (local_root / "f.txt").write_bytes(b"on disk")
+    service = make_service(archive_interface_url=f"file://{local_root}")
+    assert service.post("c", [entry("f.txt", "f.txt", b"expected")]).status_code == 201
+    assert service.wait_settled("c") == (500, "error", HASH_MISMATCH)
+
+
+@pytest.mark.parametrize("escape", ["dotdot", "file_symlink", "dir_symlink"])
+def test_local_archive_refuses_ids_that_escape_the_root(
+    make_service: Callable[..., Service], local_root: Path, tmp_path: Path, escape: str
+) -> None:
+    secret = b"outside the archive"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(secret)
+    if escape == "dotdot":
+        file_id = "../outside/secret.txt"
+    elif escape == "file_symlink":
+        (local_root / "link.txt").symlink_to(outside / "secret.txt")
+        file_id = "link.txt"
+    else:
+        (local_root / "sub" / "linkdir").symlink_to(outside)
+        file_id = "sub/linkdir/secret.txt"
+    service = make_service(archive_interface_url=f"file://{local_root}")
+    # The hash is right, so only the containment check can stop the file being served.
+    assert service.post("c", [entry(file_id, "s.txt", secret)]).status_code == 201
+    code, status, message = service.wait_settled("c")
+    assert (code, status) == (500, "error")
+    assert message.startswith("Failed to pull file(")
+    assert file_id in message
+    assert service.client.get("/c").status_code == 409
+    assert volume_files(service) == []
