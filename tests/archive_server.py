@@ -349,8 +349,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif kind == "drop":
             self._no_answer()
         elif kind == "hang":
+            self._no_answer()  # logged now, so count() sees requests still hanging
             self.server.stopping.wait()
-            self._no_answer()
         else:
             return False
         return True
@@ -450,11 +450,22 @@ class _Handler(BaseHTTPRequestHandler):
                 " object or a real number, not 'NoneType'"
             )
             raise _RouteError(500, None, detail)
-        length = int(self.headers["Content-Length"])
+        length = self._content_length()
         if not self.archive.store_upload(self.file_id, self.rfile, length):
             self._no_answer()
             return
         self._json(201, {"message": "File added to archive", "total_bytes": length})
+
+    def _content_length(self) -> int:
+        """A garbled length cannot be honoured; say so instead of crashing the thread."""
+        try:
+            length = int(self.headers["Content-Length"])
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            raise _RouteError(400, "Invalid Content-Length")
+        return length
 
     def _json(self, code: int, payload: dict[str, Any]) -> None:
         """JSON replies are built by CherryPy's json_out with ensure_ascii on."""
@@ -473,9 +484,7 @@ class _Handler(BaseHTTPRequestHandler):
         headers: list[tuple[str, str]] | None = None,
     ) -> None:
         """Send a sized reply; HEAD gets the would-be Content-Length, as CherryPy does."""
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Allow", ALLOW)
+        self._send_status(code, content_type)
         for name, value in headers or []:
             self.send_header(name, value)
         if code != 204:
@@ -484,6 +493,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.archive.record(self.verb, self.file_id, code)
         if self.verb != "HEAD":
             self.wfile.write(body)
+
+    def _send_status(self, code: int, content_type: str) -> None:
+        """Status line and the headers CherryPy puts on every reply, in its order."""
+        self.send_response_only(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Server", self.version_string())
+        self.send_header("Date", self.date_time_string())
+        self.send_header("Allow", ALLOW)
+        if self.headers.get("Connection", "").lower() == "close":
+            self.send_header("Connection", "close")
 
     def _send_chunked(self, code: int, content_type: str, body: bytes) -> None:
         """CherryPy streams GET replies, so even the banner comes chunked."""
@@ -497,9 +516,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _start_stream(self, code: int, content_type: str) -> None:
         """Send streamed headers: no Content-Length, like the reference."""
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Allow", ALLOW)
+        self._send_status(code, content_type)
         if self._chunked():
             self.send_header("Transfer-Encoding", "chunked")
         else:
