@@ -17,7 +17,13 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
-_MYSQL: dict[str, Any] = {"mysql_charset": "utf8mb4", "mysql_engine": "InnoDB"}
+# Binary collation: cart ids are case-sensitive, and MariaDB's default collation would
+# make /ABC and /abc the same cart.
+_MYSQL: dict[str, Any] = {
+    "mysql_charset": "utf8mb4",
+    "mysql_collate": "utf8mb4_bin",
+    "mysql_engine": "InnoDB",
+}
 
 
 def upgrade() -> None:
@@ -58,7 +64,7 @@ def upgrade() -> None:
         **_MYSQL,
     )
     op.create_index("ix_cart_files_cart_position", "cart_files", ["cart_id", "position"])
-    op.create_index("ix_cart_files_state_cart", "cart_files", ["state", "cart_id"])
+    op.create_index("ix_cart_files_claim", "cart_files", ["state", "cart_id", "position"])
 
 
 def downgrade() -> None:

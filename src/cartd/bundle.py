@@ -19,7 +19,7 @@ import aiofiles
 
 BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE
-_BAD_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
+_BAD_NAME = re.compile(r"[/\\\x00-\x1f\x7f-\x9f]")
 
 
 class InvalidBundleName(ValueError):

@@ -19,8 +19,17 @@ from pydantic import (
 
 CART_ID_PATTERN = r"^[A-Za-z0-9._~-]{1,128}$"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_HEX = re.compile(r"^[0-9a-fA-F]+$")
+_HEX = re.compile(r"[0-9a-fA-F]+")
 MAX_PATH_BYTES = 4096
+MAX_ID_CHARS = 1024
+
+
+def _require_utf8(value: str, what: str) -> None:
+    """JSON can smuggle lone surrogates (\\ud800) that no database or file name can hold."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} {value!r} is not valid Unicode") from None
 
 
 def valid_cart_id(cart_id: str) -> bool:
@@ -44,6 +53,7 @@ def normalise_path(raw: str) -> str:
     path = raw[1:] if raw.startswith("/") else raw
     if not path:
         raise ValueError(f"path {raw!r} is empty")
+    _require_utf8(path, "path")
     if _CONTROL.search(path):
         raise ValueError(f"path {raw!r} contains a control character")
     if "\\" in path:
@@ -69,9 +79,13 @@ class FileEntry(BaseModel):
 
     @field_validator("id")
     @classmethod
-    def _id_not_empty(cls, value: str | int) -> str | int:
-        if isinstance(value, str) and (not value or "\x00" in value):
-            raise ValueError("id must be a non-empty string without NUL, or an integer")
+    def _id_is_storable(cls, value: str | int) -> str | int:
+        if isinstance(value, str):
+            if not value or "\x00" in value:
+                raise ValueError("id must be a non-empty string without NUL, or an integer")
+            if len(value) > MAX_ID_CHARS:
+                raise ValueError(f"id is longer than {MAX_ID_CHARS} characters")
+            _require_utf8(value, "id")
         return value
 
     @field_validator("path")
@@ -89,7 +103,7 @@ class FileEntry(BaseModel):
     @model_validator(mode="after")
     def _hashsum_matches_type(self) -> FileEntry:
         expected = digest_size(self.hashtype)
-        if not _HEX.match(self.hashsum) or len(self.hashsum) != expected:
+        if not _HEX.fullmatch(self.hashsum) or len(self.hashsum) != expected:
             raise ValueError(
                 f"hashsum {self.hashsum[:140]!r} is not a {self.hashtype} digest "
                 f"({expected} hex digits)"

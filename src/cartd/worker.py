@@ -11,6 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from cartd.archive import ArchiveFileError
 from cartd.db import store
@@ -19,6 +23,7 @@ from cartd.db.store import FileJob
 from cartd.staging import Stager
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 IDLE_POLL_SECONDS = 5.0
 ERROR_PAUSE_SECONDS = 2.0
@@ -89,11 +94,20 @@ class Worker:
         self._tasks.pop(task, None)
         self.wake()
 
+    async def _write(self, operation: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """One short write transaction, shielded: a DELETE that cancels this fetch must not
+        interrupt a state change half-way through its round trip to the database."""
+
+        async def run() -> T:
+            async with self.sessions.begin() as session:
+                return await operation(session)
+
+        return await asyncio.shield(run())
+
     async def _process(self, job: FileJob) -> None:
         try:
             info = await self.stager.bring_online(job)
-            async with self.sessions.begin() as session:
-                await store.record_size(session, job.file_id, info.size, info.mtime)
+            await self._write(lambda s: store.record_size(s, job.file_id, info.size, info.mtime))
             staged = await self.stager.fetch(job, info)
         except ArchiveFileError as exc:
             await self._record_failure(job, str(exc))
@@ -102,16 +116,12 @@ class Worker:
             log.exception("unexpected failure fetching %s", job.archive_id)
             await self._record_failure(job, f"internal error: {exc!r}")
             return
-        async with self.sessions.begin() as session:
-            ready = await store.file_staged(session, job, staged.size)
-        if ready:
+        if await self._write(lambda s: store.file_staged(s, job, staged.size)):
             log.info("cart %d is ready", job.cart_id)
 
     async def _record_failure(self, job: FileJob, error: str) -> None:
         log.warning("file %s of cart %d failed: %s", job.archive_id, job.cart_id, error)
-        async with self.sessions.begin() as session:
-            cart_failed = await store.file_failed(session, job, error)
-        if cart_failed:
+        if await self._write(lambda s: store.file_failed(s, job, error)):
             await self._cancel_siblings(job)
 
     async def _cancel_siblings(self, job: FileJob) -> None:

@@ -60,7 +60,7 @@ class CartFile(Base):
     __tablename__ = "cart_files"
     __table_args__ = (
         Index("ix_cart_files_cart_position", "cart_id", "position"),
-        Index("ix_cart_files_state_cart", "state", "cart_id"),
+        Index("ix_cart_files_claim", "state", "cart_id", "position"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from cartd.db.models import Cart, CartFile, CartState, FileState
 
 LIVE_CART_STATES = (CartState.WAITING, CartState.STAGING)
+UNFINISHED_FILE_STATES = (FileState.WAITING, FileState.STAGING, FileState.ERROR)
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,17 @@ async def mark_deleted(session: AsyncSession, cart_id: int) -> None:
     )
 
 
+TOUCH_GRANULARITY = 1.0
+
+
 async def touch(session: AsyncSession, cart_id: int) -> None:
-    await session.execute(update(Cart).where(Cart.id == cart_id).values(last_used_at=time.time()))
+    """Record use for LRU; at most one write a second per cart, however hard clients poll."""
+    now = time.time()
+    await session.execute(
+        update(Cart)
+        .where(Cart.id == cart_id, Cart.last_used_at < now - TOUCH_GRANULARITY)
+        .values(last_used_at=now)
+    )
 
 
 async def cart_files(session: AsyncSession, cart_id: int) -> Sequence[CartFile]:
@@ -153,16 +163,28 @@ async def record_size(session: AsyncSession, file_id: int, size: int, mtime: flo
     )
 
 
+async def _lock_cart(session: AsyncSession, cart_id: int) -> None:
+    """Serialise a cart's completion checks.
+
+    Without the row lock, two files finishing at once under READ COMMITTED each see the
+    other still `staging`, neither marks the cart ready, and it is stuck forever.
+    """
+    await session.execute(select(Cart.id).where(Cart.id == cart_id).with_for_update())
+
+
 async def file_staged(session: AsyncSession, job: FileJob, size: int) -> bool:
     """Record a verified file; returns True when that made its cart ready."""
     now = time.time()
+    await _lock_cart(session, job.cart_id)
     await session.execute(
         update(CartFile)
         .where(CartFile.id == job.file_id, CartFile.state == FileState.STAGING)
         .values(state=FileState.STAGED, bytes_staged=size, error="", updated_at=now)
     )
+    # An IN list rather than `!= staged`, so the claim index answers it with a few seeks
+    # instead of a scan of the whole cart for every file that completes.
     unfinished = exists().where(
-        and_(CartFile.cart_id == job.cart_id, CartFile.state != FileState.STAGED)
+        and_(CartFile.cart_id == job.cart_id, CartFile.state.in_(UNFINISHED_FILE_STATES))
     )
     result = await session.execute(
         update(Cart)
@@ -175,6 +197,7 @@ async def file_staged(session: AsyncSession, job: FileJob, size: int) -> bool:
 async def file_failed(session: AsyncSession, job: FileJob, error: str) -> bool:
     """Record a failed file and fail its cart; True if the cart was live until now."""
     now = time.time()
+    await _lock_cart(session, job.cart_id)
     await session.execute(
         update(CartFile)
         .where(CartFile.id == job.file_id)
