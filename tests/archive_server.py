@@ -226,8 +226,9 @@ class _Handler(BaseHTTPRequestHandler):
     file_id = ""
 
     def setup(self) -> None:
-        """Track the socket so stop() can reach it."""
+        """Track the socket so stop() can reach it; no Nagle delay on small replies."""
         super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.track(self.connection)
 
     def finish(self) -> None:

@@ -82,7 +82,10 @@ class ServiceThread:
         self.settings = settings
         self.port = free_port()
         config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning",
+            create_app(settings),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
             lifespan="on",
         )
         self.server = uvicorn.Server(config)
@@ -124,8 +127,11 @@ class Service:
 
     def state(self, cart_id: str) -> tuple[int, str, str]:
         response = self.client.head(f"/{cart_id}")
-        return (response.status_code, response.headers["X-Pacifica-Status"],
-                response.headers["X-Pacifica-Message"])
+        return (
+            response.status_code,
+            response.headers["X-Pacifica-Status"],
+            response.headers["X-Pacifica-Message"],
+        )
 
     def wait_settled(self, cart_id: str, timeout: float = 30) -> tuple[int, str, str]:
         """Poll HEAD like pacifica-downloader does, until the cart leaves `staging`."""
@@ -144,9 +150,7 @@ class Service:
 
 
 @pytest.fixture
-def make_service(
-    db_url: str, archive: ArchiveServer, tmp_path: Path
-) -> Iterator[Any]:
+def make_service(db_url: str, archive: ArchiveServer, tmp_path: Path) -> Iterator[Any]:
     """Factory: start cartd with overrides; everything started is stopped at teardown."""
     started: list[Service] = []
 
@@ -177,5 +181,9 @@ def service(make_service: Any) -> Service:
 
 
 def entry(file_id: str | int, path: str, data: bytes, hashtype: str = "sha1") -> dict[str, Any]:
-    return {"id": file_id, "path": path, "hashtype": hashtype,
-            "hashsum": hashlib.new(hashtype, data).hexdigest()}
+    return {
+        "id": file_id,
+        "path": path,
+        "hashtype": hashtype,
+        "hashsum": hashlib.new(hashtype, data).hexdigest(),
+    }

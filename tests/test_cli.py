@@ -19,8 +19,14 @@ def _sync_url(db_url: str) -> str:
 def test_db_upgrade_is_idempotent(db_url: str, tmp_path: Path) -> None:
     env = {**os.environ, "CARTD_DATABASE_URL": db_url}
     for _ in range(2):
-        result = subprocess.run([CARTD, "db", "upgrade"], env=env, cwd=tmp_path,
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [CARTD, "db", "upgrade"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stderr
     engine = sa.create_engine(_sync_url(db_url))
     try:
@@ -33,10 +39,15 @@ def test_db_upgrade_is_idempotent(db_url: str, tmp_path: Path) -> None:
 
 
 def test_unreachable_database_fails_clearly(tmp_path: Path) -> None:
-    env = {**os.environ, "CARTD_DATABASE_URL": "mysql+aiomysql://root@127.0.0.1:1/none",
-           "DATABASE_CONNECT_ATTEMPTS": "2", "DATABASE_CONNECT_WAIT": "0"}
-    result = subprocess.run([CARTD, "db", "upgrade"], env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=60)
+    env = {
+        **os.environ,
+        "CARTD_DATABASE_URL": "mysql+aiomysql://root@127.0.0.1:1/none",
+        "DATABASE_CONNECT_ATTEMPTS": "2",
+        "DATABASE_CONNECT_WAIT": "0",
+    }
+    result = subprocess.run(
+        [CARTD, "db", "upgrade"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode != 0
     assert "database not reachable (attempt 1/2)" in result.stderr
 
@@ -44,4 +55,5 @@ def test_unreachable_database_fails_clearly(tmp_path: Path) -> None:
 def test_help_lists_commands() -> None:
     result = subprocess.run([CARTD, "--help"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
-    assert "serve" in result.stdout and "db" in result.stdout
+    assert "serve" in result.stdout
+    assert "db" in result.stdout

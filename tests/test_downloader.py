@@ -13,8 +13,14 @@ from conftest import Service
 
 
 def _file(file_id: str, name: str, subdir: str, data: bytes) -> dict[str, str]:
-    return {"destinationTable": "Files", "_id": file_id, "name": name, "subdir": subdir,
-            "hashtype": "sha1", "hashsum": hashlib.sha1(data).hexdigest()}
+    return {
+        "destinationTable": "Files",
+        "_id": file_id,
+        "name": name,
+        "subdir": subdir,
+        "hashtype": "sha1",
+        "hashsum": hashlib.sha1(data).hexdigest(),
+    }
 
 
 def test_pacifica_downloader_extracts_exact_bytes(
@@ -24,8 +30,13 @@ def test_pacifica_downloader_extracts_exact_bytes(
     nested = os.urandom(5 * 1024 * 1024 + 3)
     archive.add_file("103", top)
     archive.add_file("104", nested, tape_delay=0.3)
-    event = {"data": [_file("103", "foo.txt", "", top), _file("104", "bar.bin", "a/b", nested),
-                      {"destinationTable": "Transactions", "_id": 7}]}
+    event = {
+        "data": [
+            _file("103", "foo.txt", "", top),
+            _file("104", "bar.bin", "a/b", nested),
+            {"destinationTable": "Transactions", "_id": 7},
+        ]
+    }
     destination = tmp_path / "download"
     Downloader(cart_api_url=service.url).cloudevent(
         str(destination), event, filename="my_cart.tar", timeout=60

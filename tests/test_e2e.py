@@ -10,8 +10,9 @@ from conftest import Service, entry
 def test_cart_round_trip(service: Service, archive: ArchiveServer) -> None:
     archive.add_file("a", b"alpha", mtime=1444938166.5)
     archive.add_file("dir/b", b"beta" * 1000)
-    response = service.post("c1", [entry("a", "/a.txt", b"alpha"),
-                                    entry("dir/b", "x/y/b.bin", b"beta" * 1000, "md5")])
+    response = service.post(
+        "c1", [entry("a", "/a.txt", b"alpha"), entry("dir/b", "x/y/b.bin", b"beta" * 1000, "md5")]
+    )
     assert response.status_code == 201
     assert service.wait_settled("c1") == (204, "ready", "")
     download = service.client.get("/c1", params={"filename": "mine.tar"})
@@ -23,3 +24,19 @@ def test_cart_round_trip(service: Service, archive: ArchiveServer) -> None:
         member = tar.getmember("mine/a.txt")
         assert member.mtime == 1444938166
         assert tar.extractfile(member).read() == b"alpha"  # type: ignore[union-attr]
+
+
+def test_concurrent_completions_make_the_cart_ready(
+    make_service: object, archive: ArchiveServer
+) -> None:
+    """Many files finishing at once must not each think another is still staging."""
+    service: Service = make_service(fetch_concurrency=16)  # type: ignore[operator]
+    cart = []
+    for number in range(300):
+        data = f"file {number}\n".encode()
+        archive.add_file(f"f{number}", data)
+        cart.append(entry(f"f{number}", f"d{number % 7}/f{number}.txt", data))
+    assert service.post("many", cart).status_code == 201
+    assert service.wait_settled("many", timeout=60) == (204, "ready", "")
+    status = service.status("many")
+    assert status["files_staged"] == 300

@@ -35,14 +35,20 @@ def test_stages_and_serves_from_reference_archive(
     make_service: object, reference_url: tuple[str, Path]
 ) -> None:
     url, prefix = reference_url
-    files = {"foo.txt": b"foo\n" * 1000, "1/2/bar.csv": os.urandom(3 * 1024 * 1024 + 7), "1234": b""}
+    files = {
+        "foo.txt": b"foo\n" * 1000,
+        "1/2/bar.csv": os.urandom(3 * 1024 * 1024 + 7),
+        "1234": b"",
+    }
     for file_id, data in files.items():
         place_file(prefix, file_id, data, mtime=1444938166.5)
     # The reference server corrupts concurrent GETs, so sites run it with one connection.
     service: Service = make_service(archive_interface_url=url, archive_concurrency=1)  # type: ignore[operator]
-    cart = [entry("foo.txt", "/foo.txt", files["foo.txt"]),
-            entry("1/2/bar.csv", "a/bar.csv", files["1/2/bar.csv"], "md5"),
-            entry(1234, "empty", b"", "sha256")]
+    cart = [
+        entry("foo.txt", "/foo.txt", files["foo.txt"]),
+        entry("1/2/bar.csv", "a/bar.csv", files["1/2/bar.csv"], "md5"),
+        entry(1234, "empty", b"", "sha256"),
+    ]
     assert service.post("ref", cart).status_code == 201
     assert service.wait_settled("ref", timeout=60) == (204, "ready", "")
     body = service.client.get("/ref", params={"filename": "ref.tar"}).content
@@ -66,4 +72,5 @@ def test_missing_file_on_reference_archive_fails_the_cart(
     assert service.post("gone", [entry("nope.txt", "nope.txt", b"x")]).status_code == 201
     code, state, message = service.wait_settled("gone", timeout=60)
     assert (code, state) == (500, "error")
-    assert message.startswith("Failed to pull file(") and "nope.txt" in message
+    assert message.startswith("Failed to pull file(")
+    assert "nope.txt" in message
