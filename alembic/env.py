@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 
+from alembic import context
 from sqlalchemy.engine import Connection
 
-from alembic import context
 from cartd.db.models import Base
 from cartd.db.session import create_engine
 from cartd.settings import Settings

@@ -11,19 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
-
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from cartd.archive import ArchiveFileError
 from cartd.db import store
+from cartd.db.group_commit import GroupCommit
 from cartd.db.session import SessionFactory
 from cartd.db.store import FileJob
 from cartd.staging import Stager
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 IDLE_POLL_SECONDS = 5.0
 ERROR_PAUSE_SECONDS = 2.0
@@ -34,6 +30,7 @@ class Worker:
         self.sessions = sessions
         self.stager = stager
         self.concurrency = concurrency
+        self._commits = GroupCommit(sessions)
         self._wake = asyncio.Event()
         self._tasks: dict[asyncio.Task[None], FileJob] = {}
         self._loop_task: asyncio.Task[None] | None = None
@@ -94,20 +91,13 @@ class Worker:
         self._tasks.pop(task, None)
         self.wake()
 
-    async def _write(self, operation: Callable[[AsyncSession], Awaitable[T]]) -> T:
-        """One short write transaction, shielded: a DELETE that cancels this fetch must not
-        interrupt a state change half-way through its round trip to the database."""
-
-        async def run() -> T:
-            async with self.sessions.begin() as session:
-                return await operation(session)
-
-        return await asyncio.shield(run())
-
     async def _process(self, job: FileJob) -> None:
         try:
             info = await self.stager.bring_online(job)
-            await self._write(lambda s: store.record_size(s, job.file_id, info.size, info.mtime))
+            if info.size > self.stager.settings.transfer_size:  # worth showing progress for
+                await self._commits.run(
+                    lambda s: store.record_size(s, job.file_id, info.size, info.mtime)
+                )
             staged = await self.stager.fetch(job, info)
         except ArchiveFileError as exc:
             await self._record_failure(job, str(exc))
@@ -116,12 +106,12 @@ class Worker:
             log.exception("unexpected failure fetching %s", job.archive_id)
             await self._record_failure(job, f"internal error: {exc!r}")
             return
-        if await self._write(lambda s: store.file_staged(s, job, staged.size)):
+        if await self._commits.run(lambda s: store.file_staged(s, job, staged.size, staged.mtime)):
             log.info("cart %d is ready", job.cart_id)
 
     async def _record_failure(self, job: FileJob, error: str) -> None:
         log.warning("file %s of cart %d failed: %s", job.archive_id, job.cart_id, error)
-        if await self._write(lambda s: store.file_failed(s, job, error)):
+        if await self._commits.run(lambda s: store.file_failed(s, job, error)):
             await self._cancel_siblings(job)
 
     async def _cancel_siblings(self, job: FileJob) -> None:

@@ -172,14 +172,21 @@ async def _lock_cart(session: AsyncSession, cart_id: int) -> None:
     await session.execute(select(Cart.id).where(Cart.id == cart_id).with_for_update())
 
 
-async def file_staged(session: AsyncSession, job: FileJob, size: int) -> bool:
+async def file_staged(session: AsyncSession, job: FileJob, size: int, mtime: float) -> bool:
     """Record a verified file; returns True when that made its cart ready."""
     now = time.time()
     await _lock_cart(session, job.cart_id)
     await session.execute(
         update(CartFile)
         .where(CartFile.id == job.file_id, CartFile.state == FileState.STAGING)
-        .values(state=FileState.STAGED, bytes_staged=size, error="", updated_at=now)
+        .values(
+            state=FileState.STAGED,
+            size=size,
+            mtime=mtime,
+            bytes_staged=size,
+            error="",
+            updated_at=now,
+        )
     )
     # An IN list rather than `!= staged`, so the claim index answers it with a few seeks
     # instead of a scan of the whole cart for every file that completes.
