@@ -48,5 +48,16 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         schemas = document.setdefault("components", {}).setdefault("schemas", {})
         schemas.update(cart.pop("$defs", {}))
         schemas["CartRequest"] = cart
+        _drop_422(document)
         app.openapi_schema = document
     return app.openapi_schema
+
+
+def _drop_422(document: dict[str, Any]) -> None:
+    """Invalid requests answer 400 here (pacifica clients expect it), never FastAPI's 422."""
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
+    schemas = document.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)

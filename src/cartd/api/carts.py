@@ -112,11 +112,28 @@ def _status_headers(state: str, message: str) -> dict[str, str]:
     return {"X-Pacifica-Status": public, "X-Pacifica-Message": safe}
 
 
+_STATUS_HEADERS = {
+    "X-Pacifica-Status": {
+        "description": "staging | ready | error (every unfinished phase reads staging)",
+        "schema": {"type": "string", "enum": ["staging", "ready", "error"]},
+    },
+    "X-Pacifica-Message": {
+        "description": "Empty, or the error text",
+        "schema": {"type": "string"},
+    },
+}
+
+
 @router.head(
     "/{cart_id}",
     status_code=204,
     summary="Cart status in X-Pacifica-Status / X-Pacifica-Message",
-    responses={404: {"description": "No such cart"}, 500: {"description": "The cart is in error"}},
+    responses={
+        204: {"description": "The cart exists and is not in error", "headers": _STATUS_HEADERS},
+        400: {"description": "Invalid cart id", "headers": _STATUS_HEADERS},
+        404: {"description": "No such cart", "headers": _STATUS_HEADERS},
+        500: {"description": "The cart is in error", "headers": _STATUS_HEADERS},
+    },
 )
 async def head_cart(cart_id: CartId, runtime: RuntimeDep) -> Response:
     try:
