@@ -7,6 +7,7 @@ CARTD_TEST_DATABASES=sqlite to run without MariaDB locally; CI runs both.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -45,10 +46,11 @@ FAST = {
 }
 
 
-@pytest.fixture(params=DATABASES)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'cartd.db'}"
+@contextlib.contextmanager
+def database(kind: str, root: Path) -> Iterator[str]:
+    """A fresh SQLite file under `root`, or a throwaway MariaDB schema dropped afterwards."""
+    if kind == "sqlite":
+        yield f"sqlite+aiosqlite:///{root / 'cartd.db'}"
         return
     name = f"cartd_test_{uuid.uuid4().hex[:12]}"
     admin = pymysql.connect(**MARIADB, autocommit=True)
@@ -60,6 +62,29 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         with admin.cursor() as cursor:
             cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
         admin.close()
+
+
+@pytest.fixture(params=DATABASES)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with database(request.param, tmp_path) as url:
+        yield url
+
+
+def volume_files(volume: Path) -> list[Path]:
+    """Every file under the volume's carts/ (os.walk shrugs off entries vanishing meanwhile)."""
+    walk = os.walk(volume / "carts")
+    return sorted(Path(top, name) for top, _, names in walk for name in names)
+
+
+def part_files(volume: Path) -> list[Path]:
+    return [p for p in volume_files(volume) if p.name.endswith(".part")]
+
+
+def size_or_zero(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 @pytest.fixture

@@ -8,26 +8,22 @@ unknown ids, share one service per database (`shared`) to keep the suite fast.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
 import re
 import tarfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 import httpx
-import pymysql  # type: ignore[import-untyped]
 import pytest
 
 from archive_server import ArchiveServer
 from cartd.settings import Settings
-from conftest import DATABASES, FAST, MARIADB, Service, ServiceThread, entry
+from conftest import DATABASES, FAST, Service, ServiceThread, database, entry
 
 MakeService = Callable[..., Service]
 
@@ -41,24 +37,6 @@ MTIME = 1444938166.5
 # --- a shared service for requests that change nothing ---------------------------------------
 
 
-@contextlib.contextmanager
-def _database(kind: str, root: Path) -> Iterator[str]:
-    """The same databases as conftest's `db_url`, but for a whole module."""
-    if kind == "sqlite":
-        yield f"sqlite+aiosqlite:///{root / 'cartd.db'}"
-        return
-    name = f"cartd_test_{uuid.uuid4().hex[:12]}"
-    admin = pymysql.connect(**MARIADB, autocommit=True)
-    try:
-        with admin.cursor() as cursor:
-            cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
-        yield f"mysql+aiomysql://root@127.0.0.1:3306/{name}"
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
-        admin.close()
-
-
 @pytest.fixture(scope="module", params=DATABASES)
 def shared(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -69,7 +47,7 @@ def shared(
     under ids of their own), so they share one instead of paying for it dozens of times.
     """
     root = tmp_path_factory.mktemp(f"shared-{request.param}")
-    with _database(request.param, root) as url, ArchiveServer(root / "archive") as archive:
+    with database(request.param, root) as url, ArchiveServer(root / "archive") as archive:
         options: dict[str, Any] = {
             "database_url": url,
             "volume_path": root / "volume",

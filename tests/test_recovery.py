@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from archive_server import ArchiveServer
-from conftest import Service, entry, free_port
+from conftest import Service, entry, free_port, part_files, size_or_zero, volume_files
 
 MiB = 1024 * 1024
 CARTD = Path(sys.executable).parent / "cartd"
@@ -135,23 +135,6 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) ->
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
-
-
-def volume_files(volume: Path) -> list[Path]:
-    """Every file under the volume's carts/ (os.walk shrugs off entries vanishing meanwhile)."""
-    walk = os.walk(volume / "carts")
-    return sorted(Path(top, name) for top, _, names in walk for name in names)
-
-
-def part_files(volume: Path) -> list[Path]:
-    return [p for p in volume_files(volume) if p.name.endswith(".part")]
-
-
-def size_or_zero(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
 
 
 def tar_digests(content: bytes) -> dict[str, str]:

@@ -22,7 +22,7 @@ import pytest
 
 import archive_server
 from archive_server import ArchiveServer
-from conftest import Service, entry
+from conftest import Service, entry, part_files, size_or_zero, volume_files
 
 HASH_MISMATCH = "Failed to pull file(File hash does not match provided hash)"
 MiB = 1024 * 1024
@@ -65,23 +65,6 @@ def post_and_settle(
     assert service.post(cart_id, fileids).status_code == 201
     state = service.wait_settled(cart_id)
     return state, time.monotonic() - started
-
-
-def volume_files(service: Service) -> list[Path]:
-    """Every file under the volume's carts/ (os.walk shrugs off entries vanishing meanwhile)."""
-    walk = os.walk(service.volume / "carts")
-    return sorted(Path(top, name) for top, _, names in walk for name in names)
-
-
-def part_files(service: Service) -> list[Path]:
-    return [p for p in volume_files(service) if p.name.endswith(".part")]
-
-
-def size_or_zero(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
 
 
 # --- checksums -----------------------------------------------------------------------------
@@ -236,7 +219,7 @@ def test_transient_fault_is_retried_to_ready(
     assert service.wait_settled("c") == (204, "ready", "")
     assert contents(service, "c") == {"f.bin": data}
     assert archive.count(verb, "f") >= 3
-    assert part_files(service) == []
+    assert part_files(service.volume) == []
 
 
 # --- media errors --------------------------------------------------------------------------
@@ -318,7 +301,7 @@ def test_delete_during_fetch_cancels_and_cleans_up(
     archive.add_file("slow", data)
     archive.get_chunk_delay = 0.5  # 8 chunks: about 4 s per GET
     assert service.post("c", [entry("slow", "slow.bin", data)]).status_code == 201
-    wait_for(lambda: any(size_or_zero(p) > 0 for p in part_files(service)))
+    wait_for(lambda: any(size_or_zero(p) > 0 for p in part_files(service.volume)))
     cart_dirs = list((service.volume / "carts").iterdir())
     assert len(cart_dirs) == 1
 
@@ -330,7 +313,7 @@ def test_delete_during_fetch_cancels_and_cleans_up(
     assert elapsed < 1.0, f"DELETE took {elapsed:.1f}s while a fetch was in flight"
     assert service.state("c")[0] == 404
     assert not cart_dirs[0].exists()
-    assert part_files(service) == []
+    assert part_files(service.volume) == []
     # The fetch was cancelled, not left running: the archive sees its GET hang up.
     wait_for(lambda: get_gauge.now == 0, timeout=2.0)
 
@@ -340,7 +323,7 @@ def test_delete_during_fetch_cancels_and_cleans_up(
     assert service.post("c2", [entry("next", "n.txt", b"next")]).status_code == 201
     assert service.wait_settled("c2") == (204, "ready", "")
     assert not cart_dirs[0].exists()
-    assert part_files(service) == []
+    assert part_files(service.volume) == []
 
 
 def test_fetch_concurrency_bounds_concurrent_gets(
@@ -375,7 +358,7 @@ def test_staged_file_keeps_the_archive_mtime(service: Service, archive: ArchiveS
     archive.add_file("f", b"old file", mtime=ARCHIVE_MTIME)
     assert service.post("c", [entry("f", "f.txt", b"old file")]).status_code == 201
     assert service.wait_settled("c") == (204, "ready", "")
-    (on_disk,) = volume_files(service)
+    (on_disk,) = volume_files(service.volume)
     assert on_disk.stat().st_mtime == pytest.approx(ARCHIVE_MTIME, abs=1e-3)
     assert members(service, "c")["f.txt"][0].mtime == int(ARCHIVE_MTIME)
 
@@ -442,4 +425,4 @@ def test_local_archive_refuses_ids_that_escape_the_root(
     assert message.startswith("Failed to pull file(")
     assert file_id in message
     assert service.client.get("/c").status_code == 409
-    assert volume_files(service) == []
+    assert volume_files(service.volume) == []
