@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 
 from archive_server import ArchiveServer
 from conftest import Service, entry
@@ -40,3 +41,28 @@ def test_concurrent_completions_make_the_cart_ready(
     assert service.wait_settled("many", timeout=60) == (204, "ready", "")
     status = service.status("many")
     assert status["files_staged"] == 300
+
+
+def test_concurrent_identical_posts_create_one_cart(
+    service: Service, archive: ArchiveServer
+) -> None:
+    archive.add_file("same", b"same bytes")
+    cart = [entry("same", "same.txt", b"same bytes")]
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda _: service.post("race", cart).status_code, range(8)))
+    assert codes == [201] * 8
+    assert service.wait_settled("race") == (204, "ready", "")
+    assert archive.count("GET", "same") == 1
+
+
+def test_concurrent_different_posts_one_wins(service: Service, archive: ArchiveServer) -> None:
+    for number in range(6):
+        archive.add_file(f"v{number}", f"version {number}".encode())
+
+    def post(number: int) -> int:
+        data = f"version {number}".encode()
+        return service.post("contested", [entry(f"v{number}", "v.txt", data)]).status_code
+
+    with ThreadPoolExecutor(6) as pool:
+        codes = sorted(pool.map(post, range(6)))
+    assert codes == [201] + [409] * 5

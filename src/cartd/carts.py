@@ -97,16 +97,16 @@ def _file_rows(cart: CartRequest) -> list[dict[str, Any]]:
 async def create_cart(sessions: SessionFactory, uid: str, cart: CartRequest) -> Created:
     """Insert a cart, or accept an identical retry; a different list for a live id conflicts."""
     digest = fingerprint(cart)
-    for _ in range(2):  # a concurrent identical POST can win the unique index once
-        try:
-            async with sessions.begin() as session:
-                existing = await store.active_cart(session, uid)
-                if existing is None:
-                    row = await store.insert_cart(session, uid, digest, _file_rows(cart))
-                    return Created(row.id, new=True)
-            break
-        except IntegrityError:
-            continue
+    try:
+        async with sessions.begin() as session:
+            existing = await store.active_cart(session, uid)
+            if existing is None:
+                row = await store.insert_cart(session, uid, digest, _file_rows(cart))
+                return Created(row.id, new=True)
+    except IntegrityError:
+        # A concurrent POST of the same id won the unique index; judge against its cart.
+        async with sessions.begin() as session:
+            existing = await store.active_cart(session, uid)
     if existing is None or existing.fingerprint != digest:
         raise CartConflict(f"cart {uid} already exists with a different file list")
     return Created(existing.id, new=False)
