@@ -57,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every archive request at INFO: three lines per staged file is noise, and
+    # formatting them costs real CPU on carts of many small files.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.command == "serve":
         _serve(args, settings)
     elif args.command == "db" and args.db_command == "upgrade":
