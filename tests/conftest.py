@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,14 @@ def database(kind: str, root: Path) -> Iterator[str]:
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     with database(request.param, tmp_path) as url:
         yield url
+
+
+def wait_for(condition: Callable[[], bool], what: str = "condition", timeout: float = 10.0) -> None:
+    """Poll a condition with a deadline: waits for a state, never for a guessed duration."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
 
 
 def volume_files(volume: Path) -> list[Path]:

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from archive_server import ArchiveServer
-from conftest import Service, entry, free_port, part_files, size_or_zero, volume_files
+from conftest import Service, entry, free_port, part_files, size_or_zero, volume_files, wait_for
 
 MiB = 1024 * 1024
 CARTD = Path(sys.executable).parent / "cartd"
@@ -130,13 +130,6 @@ def start_cartd(db_url: str, archive: ArchiveServer, tmp_path: Path) -> Iterator
         process.kill()
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def tar_digests(content: bytes) -> dict[str, str]:
     """sha256 of every regular member, by path below the bundle's top directory."""
     digests: dict[str, str] = {}
@@ -181,7 +174,7 @@ def test_sigkill_mid_download_resumes_to_a_correct_cart_and_sweeps_the_volume(
         staged = first.status("cart")["files_staged"]
         return staged >= 1 and any(size_or_zero(p) > 0 for p in part_files(volume))
 
-    wait_for(interrupted_mid_download, "one file staged and another half-downloaded")
+    wait_for(interrupted_mid_download, "one file staged and another half-downloaded", 20.0)
     first.kill()
     assert first.proc.returncode == -signal.SIGKILL
     interrupted = part_files(volume)

@@ -22,7 +22,7 @@ import pytest
 
 import archive_server
 from archive_server import ArchiveServer
-from conftest import Service, entry, part_files, size_or_zero, volume_files
+from conftest import Service, entry, part_files, size_or_zero, volume_files, wait_for
 
 HASH_MISMATCH = "Failed to pull file(File hash does not match provided hash)"
 MiB = 1024 * 1024
@@ -48,13 +48,6 @@ def members(
 
 def contents(service: Service, cart_id: str) -> dict[str, bytes]:
     return {path: data for path, (_, data) in members(service, cart_id).items()}
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def post_and_settle(

@@ -11,6 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from cartd.archive import ArchiveFileError
 from cartd.db import store
@@ -23,6 +28,8 @@ log = logging.getLogger(__name__)
 
 IDLE_POLL_SECONDS = 5.0
 ERROR_PAUSE_SECONDS = 2.0
+DB_WRITE_ATTEMPTS = 8  # about two minutes of backoff before an outcome write gives up
+T = TypeVar("T")
 
 
 class Worker:
@@ -95,7 +102,7 @@ class Worker:
         try:
             info = await self.stager.bring_online(job)
             if info.size > self.stager.settings.transfer_size:  # worth showing progress for
-                await self._commits.run(
+                await self._settle(
                     lambda s: store.record_size(s, job.file_id, info.size, info.mtime)
                 )
             staged = await self.stager.fetch(job, info)
@@ -106,12 +113,24 @@ class Worker:
             log.exception("unexpected failure fetching %s", job.archive_id)
             await self._record_failure(job, f"internal error: {exc!r}")
             return
-        if await self._commits.run(lambda s: store.file_staged(s, job, staged.size, staged.mtime)):
+        if await self._settle(lambda s: store.file_staged(s, job, staged.size, staged.mtime)):
             log.info("cart %d is ready", job.cart_id)
+
+    async def _settle(self, operation: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """Write an outcome, riding out a database blip: a lost write would strand the cart."""
+        for attempt in range(1, DB_WRITE_ATTEMPTS + 1):
+            try:
+                return await self._commits.run(operation)
+            except SQLAlchemyError as exc:
+                if attempt == DB_WRITE_ATTEMPTS:
+                    raise
+                log.warning("database write failed (attempt %d): %s", attempt, exc)
+                await asyncio.sleep(min(2.0**attempt, 30.0))
+        raise AssertionError("unreachable")
 
     async def _record_failure(self, job: FileJob, error: str) -> None:
         log.warning("file %s of cart %d failed: %s", job.archive_id, job.cart_id, error)
-        if await self._commits.run(lambda s: store.file_failed(s, job, error)):
+        if await self._settle(lambda s: store.file_failed(s, job, error)):
             await self._cancel_siblings(job)
 
     async def _cancel_siblings(self, job: FileJob) -> None:
