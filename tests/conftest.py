@@ -182,6 +182,28 @@ class Service:
         return body
 
 
+@contextlib.contextmanager
+def standalone_service(
+    kind: str, root: Path, *, keepalive: bool = True, **overrides: Any
+) -> Iterator[tuple[Service, ArchiveServer]]:
+    """A service with a database and archive of its own, for module-scoped fixtures."""
+    with database(kind, root) as url, ArchiveServer(root / "archive") as archive:
+        options = {
+            "database_url": url,
+            "volume_path": root / "volume",
+            "archive_interface_url": archive.url,
+            **FAST,
+            **overrides,
+        }
+        thread = ServiceThread(Settings(**options)).start()
+        limits = httpx.Limits(max_keepalive_connections=None if keepalive else 0)
+        try:
+            with httpx.Client(base_url=thread.url, timeout=30, limits=limits) as client:
+                yield Service(thread, client, root / "volume"), archive
+        finally:
+            thread.stop()
+
+
 @pytest.fixture
 def make_service(db_url: str, archive: ArchiveServer, tmp_path: Path) -> Iterator[Any]:
     """Factory: start cartd with overrides; everything started is stopped at teardown."""
@@ -211,6 +233,38 @@ def make_service(db_url: str, archive: ArchiveServer, tmp_path: Path) -> Iterato
 def service(make_service: Any) -> Service:
     started: Service = make_service()
     return started
+
+
+MakeService = Callable[..., Service]
+MTIME = 1444938166.5
+
+
+def assert_error(response: httpx.Response, status: int) -> str:
+    """The contract for every error: JSON with integer `status` and string `message`."""
+    assert response.status_code == status, response.text
+    assert "Traceback" not in response.text
+    body = response.json()
+    assert isinstance(body, dict), body
+    assert type(body["status"]) is int
+    assert body["status"] == status
+    assert isinstance(body["message"], str)
+    assert body["message"]
+    return body["message"]
+
+
+def make_ready(
+    service: Service, archive: ArchiveServer, cart_id: str, files: dict[str, bytes]
+) -> list[dict[str, Any]]:
+    """Publish the files, POST them as a cart and wait until it is ready."""
+    fileids = []
+    for index, (path, data) in enumerate(files.items()):
+        file_id = f"{cart_id}-{index}"
+        archive.add_file(file_id, data, mtime=MTIME)
+        fileids.append(entry(file_id, path, data))
+    response = service.post(cart_id, fileids)
+    assert response.status_code == 201, response.text
+    assert service.wait_settled(cart_id) == (204, "ready", "")
+    return fileids
 
 
 def entry(file_id: str | int, path: str, data: bytes, hashtype: str = "sha1") -> dict[str, Any]:

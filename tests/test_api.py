@@ -14,7 +14,7 @@ import math
 import re
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
 
@@ -22,16 +22,21 @@ import httpx
 import pytest
 
 from archive_server import ArchiveServer
-from cartd.settings import Settings
-from conftest import DATABASES, FAST, Service, ServiceThread, database, entry
-
-MakeService = Callable[..., Service]
+from conftest import (
+    DATABASES,
+    MTIME,
+    MakeService,
+    Service,
+    assert_error,
+    entry,
+    make_ready,
+    standalone_service,
+)
 
 CREATED = {"message": "Cart Processing has begun"}
 NOT_READY = {"message": "The cart is not ready for download."}
 GONE = "The cart does not exist or has already been deleted"
 DEFAULT_NAME = re.compile(r"data_(\d{4}_\d{2}_\d{2}_\d{2}_\d{2}_\d{2})\.tar")
-MTIME = 1444938166.5
 
 
 # --- a shared service for requests that change nothing ---------------------------------------
@@ -47,57 +52,17 @@ def shared(
     under ids of their own), so they share one instead of paying for it dozens of times.
     """
     root = tmp_path_factory.mktemp(f"shared-{request.param}")
-    with database(request.param, root) as url, ArchiveServer(root / "archive") as archive:
-        options: dict[str, Any] = {
-            "database_url": url,
-            "volume_path": root / "volume",
-            "archive_interface_url": archive.url,
-            **FAST,
-        }
-        thread = ServiceThread(Settings(**options)).start()
-        try:
-            # No keep-alive: a request that breaks its connection must not fail the next test.
-            no_reuse = httpx.Limits(max_keepalive_connections=0)
-            with httpx.Client(base_url=thread.url, timeout=30, limits=no_reuse) as client:
-                yield Service(thread, client, root / "volume")
-        finally:
-            thread.stop()
+    # No keep-alive: a request that breaks its connection must not fail the next test.
+    with standalone_service(request.param, root, keepalive=False) as (service, _archive):
+        yield service
 
 
 # --- helpers -------------------------------------------------------------------------------
 
 
-def assert_error(response: httpx.Response, status: int) -> str:
-    """The contract for every error: JSON with integer `status` and string `message`."""
-    assert response.status_code == status, response.text
-    assert "Traceback" not in response.text
-    body = response.json()
-    assert isinstance(body, dict), body
-    assert type(body["status"]) is int
-    assert body["status"] == status
-    assert isinstance(body["message"], str)
-    assert body["message"]
-    return body["message"]
-
-
 def placeholder(index: int, path: str) -> dict[str, Any]:
     """A well-formed entry whose file never needs to exist (for requests that must fail)."""
     return entry(f"unused-{index}", path, b"unused")
-
-
-def make_ready(
-    service: Service, archive: ArchiveServer, cart_id: str, files: dict[str, bytes]
-) -> list[dict[str, Any]]:
-    """Publish the files, POST them as a cart and wait until it is ready."""
-    fileids = []
-    for index, (path, data) in enumerate(files.items()):
-        file_id = f"{cart_id}-{index}"
-        archive.add_file(file_id, data, mtime=MTIME)
-        fileids.append(entry(file_id, path, data))
-    response = service.post(cart_id, fileids)
-    assert response.status_code == 201, response.text
-    assert service.wait_settled(cart_id) == (204, "ready", "")
-    return fileids
 
 
 def make_error(service: Service, archive: ArchiveServer, cart_id: str) -> str:

@@ -2,16 +2,20 @@
 
 The plan is the list of members with their header bytes, so the exact size is known
 before the first byte is sent, and the same cart and name always give the same bytes.
-Headers are built with `TarInfo.tobuf` (PAX), never by driving a TarFile.
+Headers are built with `TarInfo.tobuf` (PAX), never by driving a TarFile.  Because every
+member's length is known, any byte range can be served by seeking straight to it.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import itertools
 import re
 import tarfile
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -32,6 +36,7 @@ class StagedFile:
     size: int
     mtime: float
     source: Path
+    checksum: str = ""  # e.g. "sha1:f572...", the verified content; feeds the digest only
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class Member:
     header: bytes
     source: Path | None
     size: int
+    checksum: str = ""
 
     @property
     def length(self) -> int:
@@ -50,10 +56,40 @@ class Plan:
     name: str
     members: tuple[Member, ...]
     trailer: bytes
+    # Where each member starts, then where the trailer starts, then the total size.
+    offsets: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    digest: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Computed once, where the plan is built (off the event loop), not per range request.
+        lengths = [m.length for m in self.members] + [len(self.trailer)]
+        object.__setattr__(self, "offsets", tuple(itertools.accumulate(lengths, initial=0)))
+        object.__setattr__(self, "digest", _digest(self.name, self.members, self.trailer))
 
     @property
     def size(self) -> int:
-        return sum(m.length for m in self.members) + len(self.trailer)
+        return self.offsets[-1]
+
+
+def _digest(name: str, members: Sequence[Member], trailer: bytes) -> str:
+    """Identity of the bytes a plan yields, for a strong ETag; never reads file contents.
+
+    The NAME, every header (path, size, mtime), size and verified checksum, and the trailer,
+    each length-prefixed so that no two different plans can feed the hash the same bytes.
+    """
+    hasher = hashlib.sha256(b"cartd-bundle-1")
+
+    def feed(data: bytes) -> None:
+        hasher.update(len(data).to_bytes(8, "big"))
+        hasher.update(data)
+
+    feed(name.encode("utf-8", "surrogatepass"))
+    for member in members:
+        feed(member.header)
+        feed(str(member.size).encode())
+        feed(member.checksum.encode("utf-8", "surrogatepass"))
+    feed(trailer)
+    return hasher.hexdigest()
 
 
 def _padding(size: int) -> int:
@@ -113,7 +149,7 @@ def plan_tar(name: str, files: Sequence[StagedFile]) -> Plan:
         header = _header(
             f"{top}/{staged.path}", tarfile.REGTYPE, staged.size, int(staged.mtime), 0o644
         )
-        members.append(Member(header, staged.source, staged.size))
+        members.append(Member(header, staged.source, staged.size, staged.checksum))
     body = sum(m.length for m in members)
     end = 2 * BLOCK
     trailer = bytes(end + -(body + end) % RECORD)
@@ -121,19 +157,58 @@ def plan_tar(name: str, files: Sequence[StagedFile]) -> Plan:
 
 
 async def stream(plan: Plan, chunk_size: int) -> AsyncIterator[bytes]:
-    """Yield the tar; a file that shrank underneath us aborts rather than send wrong bytes."""
-    for member in plan.members:
-        yield member.header
-        if member.source is None:
-            continue
-        remaining = member.size
-        async with aiofiles.open(member.source, "rb") as handle:
-            while remaining:
-                chunk = await handle.read(min(chunk_size, remaining))
-                if not chunk:
-                    raise OSError(f"{member.source} is shorter than its recorded size")
-                remaining -= len(chunk)
-                yield chunk
-        if pad := _padding(member.size):
-            yield bytes(pad)
-    yield plan.trailer
+    """The whole tar: the full range, so there is one byte-walking code path, not two."""
+    async for chunk in stream_range(plan, 0, plan.size - 1, chunk_size):
+        yield chunk
+
+
+async def stream_range(plan: Plan, start: int, end: int, chunk_size: int) -> AsyncIterator[bytes]:
+    """Yield exactly bytes [start, end] (inclusive, as in HTTP) of the tar.
+
+    Bisecting the member offsets finds the first member at once, and only files that overlap
+    the range are opened, so resuming near the end of a huge cart costs what it sends.
+    """
+    if not 0 <= start <= end < plan.size:
+        raise ValueError(f"range {start}-{end} is outside a {plan.size}-byte tar")
+    stop = end + 1
+    first = bisect.bisect_right(plan.offsets, start) - 1
+    for index in range(first, len(plan.members) + 1):
+        base = plan.offsets[index]
+        if base >= stop:
+            return
+        if index < len(plan.members):
+            segment = plan.members[index]
+        else:
+            segment = Member(plan.trailer, None, 0)
+        async for chunk in _member_range(segment, start - base, stop - base, chunk_size):
+            yield chunk
+
+
+async def _member_range(member: Member, lo: int, hi: int, chunk_size: int) -> AsyncIterator[bytes]:
+    """Bytes [lo, hi) of one member (clipped to it): header slice, file data, zero padding."""
+    lo, hi = max(lo, 0), min(hi, member.length)
+    head = len(member.header)
+    data_end = head + member.size
+    if lo < head:
+        yield member.header[lo : min(hi, head)]
+    first, last = max(lo, head) - head, min(hi, data_end) - head
+    if member.source is not None and first < last:
+        async for chunk in _read_file(member.source, first, last - first, chunk_size):
+            yield chunk
+    if hi > data_end:
+        yield bytes(hi - max(lo, data_end))
+
+
+async def _read_file(
+    source: Path, offset: int, count: int, chunk_size: int
+) -> AsyncIterator[bytes]:
+    """`count` bytes from `offset`; a file that shrank underneath us aborts, never sends wrong
+    bytes, and one that grew is cut at its planned size."""
+    async with aiofiles.open(source, "rb") as handle:
+        await handle.seek(offset)
+        while count:
+            chunk = await handle.read(min(chunk_size, count))
+            if not chunk:
+                raise OSError(f"{source} is shorter than its recorded size")
+            count -= len(chunk)
+            yield chunk

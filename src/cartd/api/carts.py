@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from cartd import bundle, carts
+from cartd.api import ranges
 from cartd.api.errors import error_response
 from cartd.db.models import CartState
 from cartd.runtime import Runtime
@@ -157,18 +158,31 @@ async def cart_status(cart_id: CartId, runtime: RuntimeDep) -> CartStatus | Resp
         return error_response(404, str(exc))
 
 
+_DOWNLOAD_HEADERS = {
+    "ETag": {"description": "Strong validator of these bytes", "schema": {"type": "string"}},
+    "Accept-Ranges": {"description": "Always bytes", "schema": {"type": "string"}},
+}
+
+
 @router.get(
     "/{cart_id}",
     name="download_cart",
-    summary="Download a ready cart as a tar stream",
+    summary="Download a ready cart as a tar stream (resumable with Range / If-Range)",
     responses={
-        200: {"content": {"application/x-tar": {}}, "description": "The bundle (PAX tar)."},
+        200: {
+            "content": {"application/x-tar": {}},
+            "description": "The bundle (PAX tar).",
+            "headers": _DOWNLOAD_HEADERS,
+        },
         202: {"model": Message, "description": "Still staging."},
-        **_errors(400, 404, 409),
+        206: {"content": {"application/x-tar": {}}, "description": "One byte range."},
+        304: {"description": "If-None-Match matched the ETag."},
+        **_errors(400, 404, 409, 416),
     },
 )
 async def download_cart(
     cart_id: CartId,
+    request: Request,
     runtime: RuntimeDep,
     filename: Annotated[
         str | None, Query(description="Bundle name; default data_<time>.tar")
@@ -187,24 +201,54 @@ async def download_cart(
         return JSONResponse({"message": "The cart is not ready for download."}, 202)
     staged = [
         bundle.StagedFile(
-            f.path, f.size or 0, f.mtime or 0.0, runtime.volume.file_path(cart.id, f.id)
+            f.path,
+            f.size or 0,
+            f.mtime or 0.0,
+            runtime.volume.file_path(cart.id, f.id),
+            f"{f.hashtype}:{f.hashsum}",
         )
         for f in files
     ]
     plan = await asyncio.to_thread(bundle.plan_tar, name, staged)
+    return _bundle_response(request, runtime, cart.id, plan)
+
+
+def _bundle_response(
+    request: Request, runtime: Runtime, cart_id: int, plan: bundle.Plan
+) -> Response:
+    """Evaluate the preconditions in RFC 9110 order: If-None-Match, then If-Range/Range."""
+    etag = ranges.strong_etag(plan.digest)
+    if ranges.none_match(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers={"ETag": etag})
     headers = {
-        "Content-Length": str(plan.size),
-        "Content-Disposition": bundle.content_disposition(name),
+        "ETag": etag,
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": bundle.content_disposition(plan.name),
     }
-    body = _hold_while_streaming(runtime, cart.id, plan)
-    return StreamingResponse(body, media_type="application/x-tar", headers=headers)
+    try:
+        wanted = ranges.selected_range(
+            request.headers.get("range"), request.headers.get("if-range"), etag, plan.size
+        )
+    except ranges.Unsatisfiable as exc:
+        unsatisfiable = {"Content-Range": f"bytes */{plan.size}", "Accept-Ranges": "bytes"}
+        return error_response(416, str(exc), unsatisfiable)
+    status, part = 200, ranges.ByteRange(0, plan.size - 1)
+    if wanted is not None:
+        status, part = 206, wanted
+        headers["Content-Range"] = part.content_range(plan.size)
+    headers["Content-Length"] = str(part.length)
+    body = _hold_while_streaming(runtime, cart_id, plan, part)
+    return StreamingResponse(
+        body, status_code=status, media_type="application/x-tar", headers=headers
+    )
 
 
 async def _hold_while_streaming(
-    runtime: Runtime, cart_id: int, plan: bundle.Plan
+    runtime: Runtime, cart_id: int, plan: bundle.Plan, part: ranges.ByteRange
 ) -> AsyncIterator[bytes]:
     with runtime.volume.streaming(cart_id):
-        async for chunk in bundle.stream(plan, runtime.settings.transfer_size):
+        chunks = bundle.stream_range(plan, part.start, part.end, runtime.settings.transfer_size)
+        async for chunk in chunks:
             yield chunk
 
 
