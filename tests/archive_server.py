@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import random
 import socket
 import socketserver
 import struct
@@ -27,7 +28,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -57,6 +59,8 @@ FAULT_VERBS: dict[str, frozenset[str]] = {
     "no_media": frozenset({"HEAD"}),
 }
 _NEEDS_FILE = frozenset({"truncate", "reset", "corrupt", "media_error", "no_media"})
+# Faults that a retry cures: cartd must never fail a cart because of these alone.
+TRANSIENT_KINDS = ("500", "503", "drop", "truncate", "reset")
 # CherryPy replaces the stdlib's wording for these two (cherrypy/lib/httputil.py).
 _CHERRYPY_DESCRIPTIONS = {
     500: "The server encountered an unexpected condition which prevented it from fulfilling"
@@ -109,6 +113,25 @@ class _Fault:
         if self.verb != verb or self.file_id not in (None, file_id):
             return False
         return exists or self.kind not in _NEEDS_FILE
+
+
+@dataclass
+class _Chaos:
+    """Random faults: each request fails with probability `rate`, with a kind that fits it."""
+
+    rate: float
+    rng: random.Random
+    kinds: tuple[str, ...]
+
+    def draw(self, verb: str, exists: bool) -> str | None:
+        if self.rng.random() >= self.rate:
+            return None
+        usable = [
+            kind
+            for kind in self.kinds
+            if verb in FAULT_VERBS[kind] and (exists or kind not in _NEEDS_FILE)
+        ]
+        return self.rng.choice(usable) if usable else None
 
 
 def _check_delay(tape_delay: float) -> None:
@@ -584,6 +607,8 @@ class ArchiveServer:
         self._entries: dict[str, _Entry] = {}
         self._faults: list[_Fault] = []
         self._down = False
+        self._chaos: _Chaos | None = None
+        self.injected: Counter[tuple[str, str]] = Counter()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -705,16 +730,36 @@ class ArchiveServer:
         with self._lock:
             return self._entries.get(file_id)
 
-    def take_fault(self, verb: str, file_id: str, exists: bool) -> str | None:
-        """Consume one use of the oldest fault that matches this request."""
+    def chaos(
+        self, rate: float, seed: int, kinds: Sequence[str] = TRANSIENT_KINDS
+    ) -> None:
+        """Fail about `rate` of all requests with a random fault from `kinds` (0 turns it off).
+
+        Seeded, so a soak run's faults come from a reproducible stream; which request
+        draws which fault still depends on the order requests arrive in.
+        """
+        for kind in kinds:
+            if kind not in FAULT_VERBS:
+                raise ValueError(f"unknown fault kind {kind!r}")
         with self._lock:
+            self._chaos = _Chaos(rate, random.Random(seed), tuple(kinds)) if rate > 0 else None
+
+    def take_fault(self, verb: str, file_id: str, exists: bool) -> str | None:
+        """Consume one use of the oldest fault that matches this request, else maybe chaos."""
+        with self._lock:
+            kind = None
             for fault in self._faults:
                 if fault.matches(verb, file_id, exists):
                     fault.remaining -= 1
                     if fault.remaining == 0:
                         self._faults.remove(fault)
-                    return fault.kind
-        return None
+                    kind = fault.kind
+                    break
+            if kind is None and self._chaos is not None:
+                kind = self._chaos.draw(verb, exists)
+            if kind is not None:
+                self.injected[(verb, kind)] += 1
+            return kind
 
     def stage(self, file_id: str) -> None:
         """Start the emulated tape recall; later POSTs do not restart it."""
