@@ -14,6 +14,7 @@ from cartd.api import carts, errors
 from cartd.runtime import running
 from cartd.schemas import CartRequest
 from cartd.settings import Settings
+from cartd.volume_lock import exclusive
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -21,9 +22,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with running(settings) as runtime:
-            app.state.runtime = runtime
-            yield
+        # One cartd per volume: recovery and fsck delete what they do not own.
+        with exclusive(settings.volume_path):
+            async with running(settings) as runtime:
+                app.state.runtime = runtime
+                yield
 
     app = FastAPI(
         title="cartd",

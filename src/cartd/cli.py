@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 from collections.abc import Sequence
 
 import uvicorn
 
+from cartd import fsck
 from cartd.app import create_app
 from cartd.db.migrate import upgrade
 from cartd.db.session import create_engine, wait_for_database
 from cartd.settings import Settings
+from cartd.volume_lock import VolumeBusy
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> None:
@@ -25,6 +28,18 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
         log_level=args.log_level,
         timeout_graceful_shutdown=30,
     )
+
+
+def _fsck(args: argparse.Namespace, settings: Settings) -> None:
+    """Exit 0 when database and volume agree (or were repaired), 1 if not, 2 if busy."""
+    try:
+        outcome = asyncio.run(fsck.fsck(settings, fix=args.repair, checksums=args.checksums))
+    except VolumeBusy as exc:
+        print(f"cartd fsck: {exc}; stop the service first", file=sys.stderr)
+        raise SystemExit(2) from None
+    lines, status = fsck.render(outcome, args.repair)
+    print("\n".join(lines))
+    raise SystemExit(status)
 
 
 async def _upgrade(settings: Settings) -> None:
@@ -48,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True)
     db_commands.add_parser("upgrade", help="apply schema migrations (idempotent)")
+    check = commands.add_parser(
+        "fsck", help="check that the database and the volume agree (service stopped)"
+    )
+    check.add_argument("--repair", action="store_true", help="fix what it finds")
+    check.add_argument(
+        "--checksums", action="store_true", help="also re-hash every staged file (slow)"
+    )
     return parser
 
 
@@ -62,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.command == "serve":
         _serve(args, settings)
+    elif args.command == "fsck":
+        _fsck(args, settings)
     elif args.command == "db" and args.db_command == "upgrade":
         try:
             asyncio.run(_upgrade(settings))
