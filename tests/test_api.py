@@ -766,3 +766,20 @@ def test_every_error_body_is_json_with_status_and_message(
     ]
     for status, response in cases:
         assert_error(response, status)
+
+
+def test_huge_integer_id_is_400_not_500(shared: Service) -> None:
+    fileid = {"id": int("9" * 1100), "path": "a", "hashtype": "md5", "hashsum": "0" * 32}
+    response = shared.client.post("/hugeint", json={"fileids": [fileid]})
+    assert "longer than 1024" in assert_error(response, 400)
+
+
+def test_unknown_hashtypes_are_refused_without_growing_a_cache(shared: Service) -> None:
+    from cartd.schemas import _digest_size
+
+    before = _digest_size.cache_info().currsize
+    for number in range(50):
+        fileid = {"id": "x", "path": "a", "hashtype": f"nohash{number}", "hashsum": "00"}
+        response = shared.client.post(f"/nohash{number}", json={"fileids": [fileid]})
+        assert "not a supported hashlib algorithm" in assert_error(response, 400)
+    assert _digest_size.cache_info().currsize == before

@@ -419,3 +419,18 @@ def test_local_archive_refuses_ids_that_escape_the_root(
     assert file_id in message
     assert service.client.get("/c").status_code == 409
     assert volume_files(service.volume) == []
+
+
+def test_waiting_for_an_archive_slot_is_not_a_fault(
+    make_service: Callable[..., Service], archive: ArchiveServer
+) -> None:
+    """With one archive connection, files queue behind a slow GET; the queueing must not
+    count against the unreachable-archive budget (it used to fail them with PoolTimeout)."""
+    service = make_service(archive_concurrency=1, archive_unreachable_timeout=0.5)
+    archive.get_chunk_delay = 0.2  # each 3 MiB GET takes about 0.6 s; six queue up
+    files = {f"q{n}": os.urandom(3 * 1024 * 1024) for n in range(6)}
+    for file_id, data in files.items():
+        archive.add_file(file_id, data)
+    cart = [entry(file_id, f"{file_id}.bin", data) for file_id, data in files.items()]
+    assert service.post("queued", cart).status_code == 201
+    assert service.wait_settled("queued", timeout=60) == (204, "ready", "")

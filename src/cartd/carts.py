@@ -1,11 +1,12 @@
 """Cart use cases: create, look up, report, delete.  No HTTP and no SQL strings here.
 
-The API layer turns the exceptions below into status codes; the worker is told about new
-and deleted carts through the two callables it hands in.
+The API layer turns the exceptions below into status codes and wakes the worker for new
+carts; a deletion cancels the cart's fetches through the Worker it is given.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -75,6 +76,13 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts) + (f"; and {more} more errors" if more > 0 else "")
 
 
+def time_to_live(requested: float | None, default: float, maximum: float) -> float | None:
+    """The cart's TTL in seconds (None: kept until evicted); 0 settings mean "no limit"."""
+    if requested is not None and maximum and requested > maximum:
+        raise InvalidCart(f"ttl {requested:g}s exceeds the server maximum of {maximum:g}s")
+    return requested or default or None
+
+
 def fingerprint(cart: CartRequest) -> str:
     """Identity of a file list, so a retried POST is recognised as the same cart."""
     canonical = [[e.archive_id, e.path, e.hashtype, e.hashsum] for e in cart.fileids]
@@ -94,14 +102,16 @@ def _file_rows(cart: CartRequest) -> list[dict[str, Any]]:
     ]
 
 
-async def create_cart(sessions: SessionFactory, uid: str, cart: CartRequest) -> Created:
+async def create_cart(
+    sessions: SessionFactory, uid: str, cart: CartRequest, ttl: float | None = None
+) -> Created:
     """Insert a cart, or accept an identical retry; a different list for a live id conflicts."""
-    digest = fingerprint(cart)
+    digest, rows = await asyncio.to_thread(lambda: (fingerprint(cart), _file_rows(cart)))
     try:
         async with sessions.begin() as session:
             existing = await store.active_cart(session, uid)
             if existing is None:
-                row = await store.insert_cart(session, uid, digest, _file_rows(cart))
+                row = await store.insert_cart(session, uid, digest, rows, ttl)
                 return Created(row.id, new=True)
     except IntegrityError:
         # A concurrent POST of the same id won the unique index; judge against its cart.
@@ -137,6 +147,7 @@ async def cart_status(sessions: SessionFactory, uid: str) -> CartStatus:
         updated_at=cart.updated_at,
         ready_at=cart.ready_at,
         last_used_at=cart.last_used_at,
+        expires_at=cart.expires_at,
         files_total=totals.files,
         files_staged=totals.staged,
         files_error=totals.errored,

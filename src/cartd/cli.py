@@ -1,4 +1,4 @@
-"""`cartd serve` and `cartd db upgrade`: the operator's entry points."""
+"""The operator's entry points: serve, db upgrade, carts list, purge."""
 
 from __future__ import annotations
 
@@ -6,16 +6,25 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import uvicorn
 
-from cartd import fsck
+from cartd import admin, fsck
 from cartd.app import create_app
 from cartd.db.migrate import upgrade
-from cartd.db.session import create_engine, wait_for_database
+from cartd.db.session import (
+    SessionFactory,
+    create_engine,
+    create_session_factory,
+    wait_for_database,
+)
 from cartd.settings import Settings
+from cartd.volume import Volume
 from cartd.volume_lock import VolumeBusy
+
+T = TypeVar("T")
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> None:
@@ -51,6 +60,40 @@ async def _upgrade(settings: Settings) -> None:
         await engine.dispose()
 
 
+async def _with_database(
+    settings: Settings, action: Callable[[SessionFactory, Volume], Awaitable[T]]
+) -> T:
+    """Run an admin action against the configured database and volume, then disconnect."""
+    engine = create_engine(settings)
+    try:
+        await wait_for_database(engine, settings)
+        return await action(create_session_factory(engine), Volume(settings.volume_path))
+    finally:
+        await engine.dispose()
+
+
+def _list_carts(_args: argparse.Namespace, settings: Settings) -> None:
+    carts = asyncio.run(_with_database(settings, lambda sessions, _v: admin.list_carts(sessions)))
+    print(admin.format_table(carts))
+
+
+def _purge(args: argparse.Namespace, settings: Settings) -> None:
+    try:
+        older_than = admin.parse_duration(args.older_than)
+    except ValueError as exc:
+        raise SystemExit(f"cartd purge: {exc}") from None
+    purged = asyncio.run(
+        _with_database(settings, lambda sessions, volume: admin.purge(sessions, volume, older_than))
+    )
+    for uid in purged:
+        print(f"purged {uid}")
+    print(f"{len(purged)} carts purged")
+
+
+def _db_upgrade(_args: argparse.Namespace, settings: Settings) -> None:
+    asyncio.run(_upgrade(settings))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cartd", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -62,7 +105,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True)
-    db_commands.add_parser("upgrade", help="apply schema migrations (idempotent)")
+    db_commands.add_parser("upgrade", help="apply schema migrations (idempotent)").set_defaults(
+        handler=_db_upgrade
+    )
+    carts = commands.add_parser("carts", help="inspect carts")
+    carts_commands = carts.add_subparsers(dest="carts_command", required=True)
+    carts_commands.add_parser(
+        "list", help="every cart with its state, size and last use (least recent first)"
+    ).set_defaults(handler=_list_carts)
+    purge = commands.add_parser("purge", help="delete finished carts not used for a while")
+    purge.add_argument("--older-than", required=True, help="e.g. 30d, 12h, 90m, 3600")
+    purge.set_defaults(handler=_purge)
     check = commands.add_parser(
         "fsck", help="check that the database and the volume agree (service stopped)"
     )
@@ -70,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--checksums", action="store_true", help="also re-hash every staged file (slow)"
     )
+    check.set_defaults(handler=_fsck)
+    serve.set_defaults(handler=_serve)
     return parser
 
 
@@ -83,14 +138,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     # formatting them costs real CPU on carts of many small files.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.command == "serve":
-        _serve(args, settings)
-    elif args.command == "fsck":
-        _fsck(args, settings)
-    elif args.command == "db" and args.db_command == "upgrade":
-        try:
-            asyncio.run(_upgrade(settings))
-        except Exception as exc:  # an operator wants the cause, not a traceback
-            raise SystemExit(f"cartd db upgrade failed: {exc}") from None
+        args.handler(args, settings)
+        return
+    try:
+        args.handler(args, settings)
+    except Exception as exc:  # an operator wants the cause, not a traceback
+        raise SystemExit(f"cartd {args.command} failed: {exc}") from None
 
 
 if __name__ == "__main__":

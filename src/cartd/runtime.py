@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cartd.archive import Archive, open_archive
+from cartd.cache import Cache
 from cartd.db.migrate import upgrade
 from cartd.db.session import (
     SessionFactory,
@@ -36,12 +38,14 @@ class Runtime:
     sessions: SessionFactory
     archive: Archive
     volume: Volume
+    cache: Cache
     worker: Worker
 
 
 @asynccontextmanager
 async def running(settings: Settings) -> AsyncIterator[Runtime]:
-    """Connect, migrate, reconcile the volume, start the worker; undo it all on exit."""
+    """Connect, migrate, reconcile the volume, start the worker and the cache policy;
+    undo it all on exit."""
     engine = create_engine(settings)
     archive = open_archive(settings)
     try:
@@ -51,11 +55,17 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
         sessions = create_session_factory(engine)
         volume = Volume(settings.volume_path)
         await recover(sessions, volume)
-        worker = Worker(sessions, Stager(archive, volume, settings), settings.fetch_concurrency)
+        cache = Cache(sessions, volume, settings)
+        stager = Stager(archive, volume, cache, settings)
+        worker = Worker(sessions, stager, settings.fetch_concurrency)
+        cache.cancel_fetches = worker.cancel_cart
         worker.start()
+        maintenance = asyncio.create_task(cache.run(), name="cartd-cache")
         try:
-            yield Runtime(settings, engine, sessions, archive, volume, worker)
+            yield Runtime(settings, engine, sessions, archive, volume, cache, worker)
         finally:
+            maintenance.cancel()
+            await asyncio.gather(maintenance, return_exceptions=True)
             await worker.stop()
     finally:
         await archive.aclose()

@@ -36,9 +36,15 @@ def valid_cart_id(cart_id: str) -> bool:
     return bool(re.fullmatch(CART_ID_PATTERN, cart_id)) and cart_id not in {".", ".."}
 
 
-@cache
 def digest_size(hashtype: str) -> int | None:
     """Hex length of a hashlib algorithm's digest, or None if we cannot verify with it."""
+    if hashtype not in hashlib.algorithms_available:
+        return None  # also keeps arbitrary client strings out of the cache below
+    return _digest_size(hashtype)
+
+
+@cache
+def _digest_size(hashtype: str) -> int | None:
     try:
         hasher = hashlib.new(hashtype)
     except (ValueError, TypeError):
@@ -80,12 +86,12 @@ class FileEntry(BaseModel):
     @field_validator("id")
     @classmethod
     def _id_is_storable(cls, value: str | int) -> str | int:
-        if isinstance(value, str):
-            if not value or "\x00" in value:
-                raise ValueError("id must be a non-empty string without NUL, or an integer")
-            if len(value) > MAX_ID_CHARS:
-                raise ValueError(f"id is longer than {MAX_ID_CHARS} characters")
-            _require_utf8(value, "id")
+        text = str(value)
+        if not text or "\x00" in text:
+            raise ValueError("id must be a non-empty string without NUL, or an integer")
+        if len(text) > MAX_ID_CHARS:
+            raise ValueError(f"id is longer than {MAX_ID_CHARS} characters")
+        _require_utf8(text, "id")
         return value
 
     @field_validator("path")
@@ -138,6 +144,12 @@ class CartRequest(BaseModel):
     )
 
     fileids: list[FileEntry] = Field(min_length=1)
+    ttl: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds until the cart is deleted (beyond 0.7.0); the server caps it at "
+        "CARTD_CART_TTL_MAX and defaults it to CARTD_CART_TTL.",
+    )
     bundle: Any = Field(
         None, description="Accepted for 0.7.0 compatibility; bundles are always streamed."
     )
@@ -190,6 +202,7 @@ class CartStatus(BaseModel):
     updated_at: float
     ready_at: float | None
     last_used_at: float
+    expires_at: float | None
     files_total: int
     files_staged: int
     files_error: int

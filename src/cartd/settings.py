@@ -13,6 +13,25 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_amount(text: str, total: int) -> int:
+    """Bytes from `10%` (of `total`), `512MiB`, `2G` or a plain byte count."""
+    value = text.strip().lower().replace(" ", "")
+    if value.endswith("%"):
+        percent = float(value[:-1])
+        if not 0 <= percent <= 100:
+            raise ValueError(f"percentage {text!r} must be between 0% and 100%")
+        return int(total * percent / 100)
+    number = value.rstrip("bi")
+    unit = number[-1] if number and number[-1] in _UNITS else ""
+    try:
+        amount = float(number[: len(number) - len(unit)])
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size (e.g. 10%, 512MiB, 2G, 1048576)") from None
+    return int(amount * _UNITS[unit])
+
 
 def _aliases(name: str, upstream: str | None = None) -> AliasChoices:
     """Accept `CARTD_<NAME>` always, and the upstream spelling where one exists."""
@@ -78,6 +97,20 @@ class Settings(BaseSettings):
     archive_read_timeout: float = Field(
         300.0, gt=0, validation_alias=_aliases("ARCHIVE_READ_TIMEOUT")
     )
+
+    cache_low_watermark: str = Field("5%", validation_alias=_aliases("CACHE_LOW_WATERMARK"))
+    cache_high_watermark: str = Field("10%", validation_alias=_aliases("CACHE_HIGH_WATERMARK"))
+    cache_check_interval: float = Field(
+        30.0, gt=0, validation_alias=_aliases("CACHE_CHECK_INTERVAL")
+    )
+    cart_ttl: float = Field(0.0, ge=0, validation_alias=_aliases("CART_TTL"))
+    cart_ttl_max: float = Field(30 * 86400.0, ge=0, validation_alias=_aliases("CART_TTL_MAX"))
+
+    @field_validator("cache_low_watermark", "cache_high_watermark")
+    @classmethod
+    def _size_or_percent(cls, value: str) -> str:
+        parse_amount(value, total=1)  # raises ValueError with a clear message
+        return value
 
     @field_validator("archive_interface_url")
     @classmethod

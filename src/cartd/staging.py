@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from cartd.archive import Archive, ArchiveFileError, FileInfo, Media, TransientArchiveError
+from cartd.cache import NO_SPACE, Cache, NoSpace, Reservation
 from cartd.db.store import FileJob
 from cartd.retry import Backoff, retry_transient
 from cartd.settings import Settings
@@ -27,7 +26,6 @@ from cartd.volume import Volume, commit_file
 log = logging.getLogger(__name__)
 
 HASH_MISMATCH = "File hash does not match provided hash"
-NO_SPACE = "No Space Available"
 
 
 @dataclass(frozen=True)
@@ -39,9 +37,10 @@ class Staged:
 class Stager:
     """Holds the archive, volume and timing policy that every file fetch shares."""
 
-    def __init__(self, archive: Archive, volume: Volume, settings: Settings) -> None:
+    def __init__(self, archive: Archive, volume: Volume, cache: Cache, settings: Settings) -> None:
         self.archive = archive
         self.volume = volume
+        self.cache = cache
         self.settings = settings
         self.backoff = Backoff(settings.retry_initial, settings.retry_max)
 
@@ -70,13 +69,25 @@ class Stager:
             await asyncio.sleep(delay)
 
     async def fetch(self, job: FileJob, info: FileInfo) -> Staged:
+        """Reserve the space, then download and verify; the reservation ends with the fetch."""
+        try:
+            reservation = await self.cache.reserve(job.file_id, job.cart_id, info.size)
+        except NoSpace as exc:
+            raise ArchiveFileError(str(exc)) from None
+        try:
+            return await self._fetch_reserved(job, info, reservation)
+        finally:
+            self.cache.release(job.file_id)
+
+    async def _fetch_reserved(
+        self, job: FileJob, info: FileInfo, reservation: Reservation
+    ) -> Staged:
         """Download and verify; a checksum mismatch earns exactly one more download."""
-        self._check_space(info.size)
         final = self.volume.file_path(job.cart_id, job.file_id)
         part = self.volume.part_path(job.cart_id, job.file_id)
         part.parent.mkdir(parents=True, exist_ok=True)
         for attempt in (1, 2):
-            digest = await self._retry(lambda: self._transfer(job, info, part))
+            digest = await self._retry(lambda: self._transfer(job, info, part, reservation))
             if digest == job.hashsum.lower():
                 await asyncio.to_thread(commit_file, part, final, info.mtime)
                 return Staged(size=info.size, mtime=info.mtime)
@@ -84,14 +95,13 @@ class Stager:
             log.warning("checksum mismatch on %s (attempt %d)", job.archive_id, attempt)
         raise ArchiveFileError(HASH_MISMATCH)
 
-    def _check_space(self, size: int) -> None:
-        if size > psutil.disk_usage(str(self.volume.root)).free:
-            raise ArchiveFileError(NO_SPACE)
-
-    async def _transfer(self, job: FileJob, info: FileInfo, part: Path) -> str:
+    async def _transfer(
+        self, job: FileJob, info: FileInfo, part: Path, reservation: Reservation
+    ) -> str:
         """One download attempt into `part`; a short or long body is a transient fault."""
+        reservation.written = 0
         try:
-            received, digest = await self._stream_to(part, job, info.size)
+            received, digest = await self._stream_to(part, job, reservation)
         except OSError as exc:
             part.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -107,7 +117,9 @@ class Stager:
             )
         return digest
 
-    async def _stream_to(self, part: Path, job: FileJob, size: int) -> tuple[int, str]:
+    async def _stream_to(
+        self, part: Path, job: FileJob, reservation: Reservation
+    ) -> tuple[int, str]:
         """Write and hash each chunk in a worker thread so the event loop never blocks on disk.
 
         Stops reading once the body exceeds the announced size: a misbehaving archive must
@@ -119,9 +131,10 @@ class Stager:
             async with self.archive.open(job.archive_id) as chunks:
                 async for chunk in chunks:
                     received += len(chunk)
-                    if received > size:
+                    if received > reservation.size:
                         break
                     await asyncio.to_thread(_write_and_hash, handle, hasher, chunk)
+                    reservation.written = received
         return received, hasher.hexdigest()
 
 

@@ -13,11 +13,23 @@ import asyncio
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 PART_SUFFIX = ".part"
+
+
+class Hold:
+    """One download's claim on a cart's files; releasing twice is harmless."""
+
+    def __init__(self, volume: Volume, cart_id: int) -> None:
+        self._volume = volume
+        self._cart_id = cart_id
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._volume._release(self._cart_id)
 
 
 class Volume:
@@ -39,19 +51,28 @@ class Volume:
     def part_path(self, cart_id: int, file_id: int) -> Path:
         return self.cart_dir(cart_id) / f"{file_id}{PART_SUFFIX}"
 
-    @contextmanager
-    def streaming(self, cart_id: int) -> Iterator[None]:
-        """Hold a cart's files on disk while a download reads them, even across a DELETE."""
+    def hold(self, cart_id: int) -> Hold:
+        """Keep a cart's files on disk, even across a DELETE, until the hold is released.
+
+        A download takes it before planning its tar, so the files it is about to promise
+        in a Content-Length cannot vanish between the plan and the last byte.
+        """
         self._streams[cart_id] += 1
-        try:
-            yield
-        finally:
-            self._streams[cart_id] -= 1
-            if not self._streams[cart_id]:
-                del self._streams[cart_id]
-                if cart_id in self._doomed:
-                    self._doomed.discard(cart_id)
-                    shutil.rmtree(self.cart_dir(cart_id), ignore_errors=True)
+        return Hold(self, cart_id)
+
+    def _release(self, cart_id: int) -> None:
+        self._streams[cart_id] -= 1
+        if self._streams[cart_id]:
+            return
+        del self._streams[cart_id]
+        if cart_id in self._doomed:
+            self._doomed.discard(cart_id)
+            asyncio.get_running_loop().run_in_executor(
+                None, shutil.rmtree, self.cart_dir(cart_id), True
+            )
+
+    def is_streaming(self, cart_id: int) -> bool:
+        return bool(self._streams.get(cart_id))
 
     async def remove_cart(self, cart_id: int) -> None:
         """Delete a cart's files now, or when its last running download ends."""
@@ -74,9 +95,6 @@ class Volume:
         """Half-written downloads are never resumed: the archive is asked again."""
         for part in cart_dir.glob(f"*{PART_SUFFIX}"):
             part.unlink(missing_ok=True)
-
-    def free_bytes(self) -> int:
-        return shutil.disk_usage(self.root).free
 
 
 def commit_file(part: Path, final: Path, mtime: float) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 
 IDLE_POLL_SECONDS = 5.0
 ERROR_PAUSE_SECONDS = 2.0
+REAP_SECONDS = 30.0
 DB_WRITE_ATTEMPTS = 8  # about two minutes of backoff before an outcome write gives up
 T = TypeVar("T")
 
@@ -40,6 +43,10 @@ class Worker:
         self._commits = GroupCommit(sessions)
         self._wake = asyncio.Event()
         self._tasks: dict[asyncio.Task[None], FileJob] = {}
+        # Carts cancelled lately: a claim that read them as live just before the DELETE
+        # committed must not start their fetches.  Bounded; older ids cannot race any more.
+        self._cancelled: deque[int] = deque(maxlen=1024)
+        self._last_reap = time.monotonic()
         self._loop_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -52,6 +59,7 @@ class Worker:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        await self._commits.drain()
 
     @property
     def alive(self) -> bool:
@@ -63,6 +71,7 @@ class Worker:
 
     async def cancel_cart(self, cart_id: int) -> None:
         """Stop a cart's in-flight fetches; their `finally` blocks remove partial files."""
+        self._cancelled.append(cart_id)
         doomed = [task for task, job in self._tasks.items() if job.cart_id == cart_id]
         for task in doomed:
             task.cancel()
@@ -79,6 +88,7 @@ class Worker:
                 continue
             if claimed:
                 continue
+            await self._reap()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS)
 
@@ -89,10 +99,25 @@ class Worker:
         async with self.sessions.begin() as session:
             jobs = await store.claim_files(session, free)
         for job in jobs:
+            if job.cart_id in self._cancelled:
+                continue
             task = asyncio.create_task(self._process(job), name=f"fetch-{job.file_id}")
             self._tasks[task] = job
             task.add_done_callback(self._finished)
         return len(jobs)
+
+    async def _reap(self) -> None:
+        """Every wait must end: requeue `staging` rows whose fetch task is gone."""
+        if time.monotonic() - self._last_reap < REAP_SECONDS:
+            return
+        self._last_reap = time.monotonic()
+        running = [job.file_id for job in self._tasks.values()]
+        try:
+            async with self.sessions.begin() as session:
+                if orphans := await store.requeue_orphans(session, running):
+                    log.warning("requeued %d file(s) whose fetch had ended unrecorded", orphans)
+        except SQLAlchemyError as exc:
+            log.warning("could not look for orphaned fetches: %s", exc)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
@@ -114,6 +139,7 @@ class Worker:
             await self._record_failure(job, f"internal error: {exc!r}")
             return
         if await self._settle(lambda s: store.file_staged(s, job, staged.size, staged.mtime)):
+            self.stager.cache.forget_cart(job.cart_id)
             log.info("cart %d is ready", job.cart_id)
 
     async def _settle(self, operation: Callable[[AsyncSession], Awaitable[T]]) -> T:
@@ -131,6 +157,7 @@ class Worker:
     async def _record_failure(self, job: FileJob, error: str) -> None:
         log.warning("file %s of cart %d failed: %s", job.archive_id, job.cart_id, error)
         if await self._settle(lambda s: store.file_failed(s, job, error)):
+            self.stager.cache.forget_cart(job.cart_id)
             await self._cancel_siblings(job)
 
     async def _cancel_siblings(self, job: FileJob) -> None:

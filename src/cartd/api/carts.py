@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -24,6 +25,7 @@ from cartd.schemas import (
     Message,
     valid_cart_id,
 )
+from cartd.volume import Hold
 
 router = APIRouter()
 
@@ -92,8 +94,11 @@ async def _read_body(request: Request, limit: int) -> bytes:
 async def create_cart(cart_id: CartId, request: Request, runtime: RuntimeDep) -> Response:
     body = await _read_body(request, runtime.settings.max_request_bytes)
     try:
-        cart = carts.parse_cart(body, runtime.settings.max_files_per_cart)
-        created = await carts.create_cart(runtime.sessions, cart_id, cart)
+        settings = runtime.settings
+        # Parsing a 100,000-file cart takes about a second of CPU: keep it off the loop.
+        cart = await asyncio.to_thread(carts.parse_cart, body, settings.max_files_per_cart)
+        ttl = carts.time_to_live(cart.ttl, settings.cart_ttl, settings.cart_ttl_max)
+        created = await carts.create_cart(runtime.sessions, cart_id, cart, ttl)
     except carts.InvalidCart as exc:
         return error_response(400, str(exc))
     except carts.CartConflict as exc:
@@ -199,26 +204,30 @@ async def download_cart(
         return error_response(409, cart.message or "The cart is in error")
     if cart.state != CartState.READY:
         return JSONResponse({"message": "The cart is not ready for download."}, 202)
-    staged = [
-        bundle.StagedFile(
-            f.path,
-            f.size or 0,
-            f.mtime or 0.0,
-            runtime.volume.file_path(cart.id, f.id),
-            f"{f.hashtype}:{f.hashsum}",
-        )
-        for f in files
-    ]
-    plan = await asyncio.to_thread(bundle.plan_tar, name, staged)
-    return _bundle_response(request, runtime, cart.id, plan)
+    hold = runtime.volume.hold(cart.id)  # before the first await: a DELETE now waits for us
+    try:
+        staged = [
+            bundle.StagedFile(
+                f.path,
+                f.size or 0,
+                f.mtime or 0.0,
+                runtime.volume.file_path(cart.id, f.id),
+                f"{f.hashtype}:{f.hashsum}",
+            )
+            for f in files
+        ]
+        plan = await asyncio.to_thread(bundle.plan_tar, name, staged)
+        return _bundle_response(request, runtime, hold, plan)
+    except BaseException:
+        hold.release()
+        raise
 
 
-def _bundle_response(
-    request: Request, runtime: Runtime, cart_id: int, plan: bundle.Plan
-) -> Response:
+def _bundle_response(request: Request, runtime: Runtime, hold: Hold, plan: bundle.Plan) -> Response:
     """Evaluate the preconditions in RFC 9110 order: If-None-Match, then If-Range/Range."""
     etag = ranges.strong_etag(plan.digest)
     if ranges.none_match(request.headers.get("if-none-match"), etag):
+        hold.release()
         return Response(status_code=304, headers={"ETag": etag})
     headers = {
         "ETag": etag,
@@ -231,25 +240,28 @@ def _bundle_response(
         )
     except ranges.Unsatisfiable as exc:
         unsatisfiable = {"Content-Range": f"bytes */{plan.size}", "Accept-Ranges": "bytes"}
+        hold.release()
         return error_response(416, str(exc), unsatisfiable)
     status, part = 200, ranges.ByteRange(0, plan.size - 1)
     if wanted is not None:
         status, part = 206, wanted
         headers["Content-Range"] = part.content_range(plan.size)
     headers["Content-Length"] = str(part.length)
-    body = _hold_while_streaming(runtime, cart_id, plan, part)
+    body = _stream_held(hold, plan, part, runtime.settings.transfer_size)
+    weakref.finalize(body, hold.release)  # a client gone before the first byte never starts it
     return StreamingResponse(
         body, status_code=status, media_type="application/x-tar", headers=headers
     )
 
 
-async def _hold_while_streaming(
-    runtime: Runtime, cart_id: int, plan: bundle.Plan, part: ranges.ByteRange
+async def _stream_held(
+    hold: Hold, plan: bundle.Plan, part: ranges.ByteRange, chunk_size: int
 ) -> AsyncIterator[bytes]:
-    with runtime.volume.streaming(cart_id):
-        chunks = bundle.stream_range(plan, part.start, part.end, runtime.settings.transfer_size)
-        async for chunk in chunks:
+    try:
+        async for chunk in bundle.stream_range(plan, part.start, part.end, chunk_size):
             yield chunk
+    finally:
+        hold.release()
 
 
 @router.delete(

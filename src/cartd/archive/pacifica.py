@@ -1,11 +1,12 @@
 """HTTP client for the Pacifica archive interface (PROTOCOL.md section 3).
 
-Classifies every answer into success, transient or file error; the retry loop lives in
-the worker, which knows the deadlines.
+Classifies every answer into success, transient or file error; the retry loops live in
+staging.py (with retry.py), which knows the deadlines.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,12 +21,14 @@ _MEDIA_HEADER = "X-Pacifica-File-Storage-Media"
 
 
 def _error_text(response: httpx.Response) -> str:
-    """The archive's JSON `message` when it sent one, else the status line."""
+    """The archive's JSON `message` when it sent one (cut short), else the status line."""
     try:
         message = response.json().get("message")
     except Exception:
         message = None
-    return str(message) if message else f"HTTP {response.status_code} {response.reason_phrase}"
+    if not message:
+        return f"HTTP {response.status_code} {response.reason_phrase}"
+    return str(message)[:500]
 
 
 def _check(response: httpx.Response, file_id: str, verb: str) -> None:
@@ -80,12 +83,12 @@ class PacificaArchive:
     def __init__(self, base_url: str, settings: Settings) -> None:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.chunk_size = settings.transfer_size
-        # The connection cap is the archive concurrency limit: the reference server corrupts
-        # concurrent GETs, so sites running it set CARTD_ARCHIVE_CONCURRENCY=1.
+        # Requests queue for one of `archive_concurrency` slots (the reference server corrupts
+        # concurrent GETs, so sites running it set 1).  Waiting for a slot is not a fault,
+        # so it happens here, outside httpx's pool timeout and the worker's retry budget.
+        self._slots = asyncio.Semaphore(settings.archive_concurrency)
         timeout = httpx.Timeout(
-            settings.archive_read_timeout,
-            connect=settings.archive_connect_timeout,
-            pool=settings.archive_unreachable_timeout,
+            settings.archive_read_timeout, connect=settings.archive_connect_timeout, pool=None
         )
         limits = httpx.Limits(max_connections=settings.archive_concurrency)
         self.client = httpx.AsyncClient(timeout=timeout, limits=limits)
@@ -95,7 +98,8 @@ class PacificaArchive:
 
     async def _request(self, verb: str, file_id: str) -> httpx.Response:
         try:
-            response = await self.client.request(verb, self._url(file_id))
+            async with self._slots:
+                response = await self.client.request(verb, self._url(file_id))
         except httpx.TransportError as exc:
             raise TransientArchiveError(f"archive unreachable: {exc!r}") from exc
         _check(response, file_id, verb)
@@ -110,6 +114,11 @@ class PacificaArchive:
 
     @asynccontextmanager
     async def open(self, file_id: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        async with self._slots, self._get(file_id) as chunks:
+            yield chunks
+
+    @asynccontextmanager
+    async def _get(self, file_id: str) -> AsyncIterator[AsyncIterator[bytes]]:
         request = self.client.build_request("GET", self._url(file_id))
         try:
             response = await self.client.send(request, stream=True)
@@ -117,7 +126,10 @@ class PacificaArchive:
             raise TransientArchiveError(f"archive unreachable: {exc!r}") from exc
         try:
             if response.is_error:
-                await response.aread()
+                try:
+                    await response.aread()
+                except httpx.TransportError as exc:
+                    raise TransientArchiveError(f"archive connection lost: {exc!r}") from exc
             _check(response, file_id, "GET")
             yield self._chunks(response)
         finally:

@@ -19,6 +19,7 @@ from cartd.db.session import SessionFactory
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+DRAIN_SECONDS = 10.0
 Operation = Callable[[AsyncSession], Awaitable[Any]]
 
 
@@ -39,6 +40,11 @@ class GroupCommit:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="cartd-group-commit")
         return await asyncio.shield(future)
+
+    async def drain(self) -> None:
+        """Let the batch in flight finish before the engine goes away (shutdown)."""
+        if self._flusher is not None and not self._flusher.done():
+            await asyncio.wait([self._flusher], timeout=DRAIN_SECONDS)
 
     async def _flush(self) -> None:
         while self._pending:

@@ -39,6 +39,8 @@ class Cart(Base):
     """
 
     __tablename__ = "carts"
+    # Binary collation on MariaDB: cart ids are case-sensitive (the migration says the same).
+    __table_args__ = ({"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"},)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     uid: Mapped[str] = mapped_column(String(128), index=True)
@@ -52,15 +54,19 @@ class Cart(Base):
     ready_at: Mapped[float | None] = mapped_column(Double, default=None)
     last_used_at: Mapped[float] = mapped_column(Double)
     deleted_at: Mapped[float | None] = mapped_column(Double, default=None)
+    expires_at: Mapped[float | None] = mapped_column(Double, default=None, index=True)
+    # Why it left: "deleted" (a client), "evicted" (LRU), "expired" (TTL), "purged" (admin).
+    deleted_reason: Mapped[str] = mapped_column(String(16), default="")
 
 
 class CartFile(Base):
-    """One archive file of a cart.  Its bytes live at `volume/<cart id>/<file id>`."""
+    """One archive file of a cart.  Its bytes live at `volume/carts/<cart id>/<file id>`."""
 
     __tablename__ = "cart_files"
     __table_args__ = (
         Index("ix_cart_files_cart_position", "cart_id", "position"),
         Index("ix_cart_files_claim", "state", "cart_id", "position"),
+        {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"},
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

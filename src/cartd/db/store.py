@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from cartd.db.models import Cart, CartFile, CartState, FileState
 
 LIVE_CART_STATES = (CartState.WAITING, CartState.STAGING)
+FINISHED_CART_STATES = (CartState.READY, CartState.ERROR)
 UNFINISHED_FILE_STATES = (FileState.WAITING, FileState.STAGING, FileState.ERROR)
 
 
@@ -56,10 +57,15 @@ async def active_cart(session: AsyncSession, uid: str) -> Cart | None:
 
 
 async def insert_cart(
-    session: AsyncSession, uid: str, fingerprint: str, files: Sequence[dict[str, Any]]
+    session: AsyncSession,
+    uid: str,
+    fingerprint: str,
+    files: Sequence[dict[str, Any]],
+    ttl: float | None = None,
 ) -> Cart:
     now = time.time()
     cart = Cart(
+        expires_at=now + ttl if ttl else None,
         uid=uid,
         active_uid=uid,
         state=CartState.WAITING,
@@ -84,13 +90,81 @@ async def insert_cart(
     return cart
 
 
-async def mark_deleted(session: AsyncSession, cart_id: int) -> None:
+async def mark_deleted(
+    session: AsyncSession, cart_id: int, reason: str = "deleted", *conditions: Any
+) -> bool:
+    """Delete a cart row's identity; extra `conditions` let eviction lose races safely."""
     now = time.time()
-    await session.execute(
+    result = await session.execute(
         _update(Cart)
-        .where(Cart.id == cart_id)
-        .values(state=CartState.DELETED, active_uid=None, deleted_at=now, updated_at=now)
+        .where(Cart.id == cart_id, Cart.state != CartState.DELETED, *conditions)
+        .values(
+            state=CartState.DELETED,
+            active_uid=None,
+            deleted_at=now,
+            deleted_reason=reason,
+            updated_at=now,
+        )
     )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class CartUsage:
+    """A cart as the cache policy sees it: when it was used and what it holds on disk."""
+
+    cart_id: int
+    uid: str
+    state: str
+    last_used_at: float
+    created_at: float
+    expires_at: float | None
+    files: int
+    bytes: int
+
+
+def _usage_query() -> Any:
+    held = func.coalesce(func.sum(CartFile.bytes_staged), 0)
+    return (
+        select(
+            Cart.id,
+            Cart.uid,
+            Cart.state,
+            Cart.last_used_at,
+            Cart.created_at,
+            Cart.expires_at,
+            Cart.file_count,
+            held,
+        )
+        .outerjoin(CartFile, CartFile.cart_id == Cart.id)
+        .where(Cart.state != CartState.DELETED)
+        .group_by(Cart.id)
+    )
+
+
+async def eviction_candidates(session: AsyncSession, used_before: float) -> list[CartUsage]:
+    """Finished carts not used since `used_before`, least recently used first."""
+    query = (
+        _usage_query()
+        .where(Cart.state.in_(FINISHED_CART_STATES), Cart.last_used_at < used_before)
+        .order_by(Cart.last_used_at, Cart.id)
+    )
+    return [CartUsage(*row) for row in (await session.execute(query)).all()]
+
+
+async def carts_usage(session: AsyncSession) -> list[CartUsage]:
+    """Every cart that is not deleted, oldest use first (for `cartd carts list`)."""
+    query = _usage_query().order_by(Cart.last_used_at, Cart.id)
+    return [CartUsage(*row) for row in (await session.execute(query)).all()]
+
+
+async def expired_carts(session: AsyncSession, now: float) -> list[tuple[int, str]]:
+    result = await session.execute(
+        select(Cart.id, Cart.uid).where(
+            Cart.state != CartState.DELETED, Cart.expires_at.is_not(None), Cart.expires_at < now
+        )
+    )
+    return [(row[0], row[1]) for row in result.all()]
 
 
 TOUCH_GRANULARITY = 1.0
@@ -131,8 +205,31 @@ async def cart_totals(session: AsyncSession, cart_id: int) -> CartTotals:
     return CartTotals(*(int(value or 0) for value in row))
 
 
+CLAIM_CARTS = 64  # live carts looked at per claim; the oldest are served first
+
+
 async def claim_files(session: AsyncSession, limit: int) -> list[FileJob]:
-    """Move up to `limit` waiting files of live carts to `staging`, oldest cart first."""
+    """Move up to `limit` waiting files of live carts to `staging`, oldest cart first.
+
+    Live carts are chosen first, so the files of dead carts, however many, are never
+    scanned.  A DELETE racing this claim is settled by the worker, which drops jobs of
+    carts it was told to cancel.
+    """
+    live = (
+        (
+            await session.execute(
+                select(Cart.id)
+                .where(Cart.state.in_(LIVE_CART_STATES))
+                .order_by(Cart.id)
+                .limit(CLAIM_CARTS)
+                .with_for_update()
+            )
+        )
+        .scalars()
+        .all()
+    )
+    if not live:
+        return []
     rows = (
         await session.execute(
             select(
@@ -142,8 +239,7 @@ async def claim_files(session: AsyncSession, limit: int) -> list[FileJob]:
                 CartFile.hashtype,
                 CartFile.hashsum,
             )
-            .join(Cart, Cart.id == CartFile.cart_id)
-            .where(CartFile.state == FileState.WAITING, Cart.state.in_(LIVE_CART_STATES))
+            .where(CartFile.state == FileState.WAITING, CartFile.cart_id.in_(live))
             .order_by(CartFile.cart_id, CartFile.position)
             .limit(limit)
         )
@@ -210,14 +306,27 @@ async def file_staged(session: AsyncSession, job: FileJob, size: int, mtime: flo
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+MAX_ERROR_CHARS = 2000  # MariaDB TEXT holds 64 KiB; archives have sent more than that
+
+
 async def file_failed(session: AsyncSession, job: FileJob, error: str) -> bool:
-    """Record a failed file and fail its cart; True if the cart was live until now."""
+    """Record a failed file and fail its cart; True if the cart was live until now.
+
+    The cart's other in-flight files are being cancelled: they go back to `waiting`, so
+    the status never shows a fetch that nobody runs.
+    """
     now = time.time()
+    error = error if len(error) <= MAX_ERROR_CHARS else error[:MAX_ERROR_CHARS] + "..."
     await _lock_cart(session, job.cart_id)
     await session.execute(
         _update(CartFile)
         .where(CartFile.id == job.file_id)
         .values(state=FileState.ERROR, error=error, updated_at=now)
+    )
+    await session.execute(
+        _update(CartFile)
+        .where(CartFile.cart_id == job.cart_id, CartFile.state == FileState.STAGING)
+        .values(state=FileState.WAITING, updated_at=now)
     )
     result = await session.execute(
         _update(Cart)
@@ -225,6 +334,20 @@ async def file_failed(session: AsyncSession, job: FileJob, error: str) -> bool:
         .values(state=CartState.ERROR, message=f"Failed to pull file({error})", updated_at=now)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def requeue_orphans(session: AsyncSession, running: Sequence[int]) -> int:
+    """`staging` rows that no fetch in this process owns go back to `waiting`.
+
+    Single-replica rule: this process is the only one fetching, so such a row lost its
+    task (e.g. an outcome write that failed for minutes) and must not stay stuck.
+    """
+    result = await session.execute(
+        _update(CartFile)
+        .where(CartFile.state == FileState.STAGING, CartFile.id.not_in(running))
+        .values(state=FileState.WAITING, updated_at=time.time())
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 async def requeue_interrupted(session: AsyncSession) -> int:

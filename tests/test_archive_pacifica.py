@@ -1,0 +1,58 @@
+"""Unit tests of the archive-interface client's parsing, on real httpx objects."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from cartd.archive import ArchiveFileError, Media, TransientArchiveError
+from cartd.archive.pacifica import _check, parse_mtime, parse_status
+
+
+def test_float_epoch_and_http_date_mtimes() -> None:
+    assert parse_mtime("1444938166.5") == 1444938166.5
+    assert parse_mtime("Thu, 15 Oct 2015 19:42:46 GMT") == 1444938166.0
+    assert parse_mtime(None) == 0.0
+
+
+def test_status_headers_of_the_reference_server() -> None:
+    headers = httpx.Headers(
+        {
+            "X-Pacifica-Messsage": "File was found",
+            "X-Content-Length": "14",
+            "Last-Modified": "1444938166.5",
+            "X-Pacifica-File-Storage-Media": "tape",
+        }
+    )
+    info = parse_status(headers, "f")
+    assert (info.size, info.mtime, info.media) == (14, 1444938166.5, Media.TAPE)
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({"X-Content-Length": "1"}, "no storage media"),
+        ({"X-Content-Length": "1", "X-Pacifica-File-Storage-Media": "error"}, "media error"),
+        ({"X-Pacifica-File-Storage-Media": "disk"}, "no size"),
+        ({"X-Content-Length": "1", "X-Pacifica-File-Storage-Media": "cloud"}, "unknown"),
+    ],
+)
+def test_bad_status_headers_are_file_errors(headers: dict[str, str], message: str) -> None:
+    with pytest.raises(ArchiveFileError, match=message):
+        parse_status(httpx.Headers(headers), "f")
+
+
+def test_status_codes_are_classified() -> None:
+    _check(httpx.Response(204), "f", "HEAD")
+    with pytest.raises(ArchiveFileError, match="not found"):
+        _check(httpx.Response(404), "f", "GET")
+    for code in (500, 503, 429):
+        with pytest.raises(TransientArchiveError):
+            _check(httpx.Response(code), "f", "GET")
+
+
+def test_huge_archive_error_message_is_cut_short() -> None:
+    response = httpx.Response(403, json={"message": "x" * 70_000})
+    with pytest.raises(ArchiveFileError) as raised:
+        _check(response, "f", "POST")
+    assert len(str(raised.value)) < 1000
