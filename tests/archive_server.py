@@ -730,9 +730,7 @@ class ArchiveServer:
         with self._lock:
             return self._entries.get(file_id)
 
-    def chaos(
-        self, rate: float, seed: int, kinds: Sequence[str] = TRANSIENT_KINDS
-    ) -> None:
+    def chaos(self, rate: float, seed: int, kinds: Sequence[str] = TRANSIENT_KINDS) -> None:
         """Fail about `rate` of all requests with a random fault from `kinds` (0 turns it off).
 
         Seeded, so a soak run's faults come from a reproducible stream; which request

@@ -9,9 +9,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-import uvicorn
-
-from cartd import admin, fsck
+from cartd import admin, fsck, server
 from cartd.app import create_app
 from cartd.db.migrate import upgrade
 from cartd.db.session import (
@@ -30,13 +28,7 @@ T = TypeVar("T")
 def _serve(args: argparse.Namespace, settings: Settings) -> None:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=overrides)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=30,
-    )
+    server.serve(create_app(settings), settings, args.log_level)
 
 
 def _fsck(args: argparse.Namespace, settings: Settings) -> None:

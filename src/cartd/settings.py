@@ -105,6 +105,8 @@ class Settings(BaseSettings):
     )
     cart_ttl: float = Field(0.0, ge=0, validation_alias=_aliases("CART_TTL"))
     cart_ttl_max: float = Field(30 * 86400.0, ge=0, validation_alias=_aliases("CART_TTL_MAX"))
+    # SIGTERM: staging stops at once; downloads in flight get this many seconds to finish.
+    shutdown_grace: int = Field(30, ge=0, validation_alias=_aliases("SHUTDOWN_GRACE"))
 
     @field_validator("cache_low_watermark", "cache_high_watermark")
     @classmethod

@@ -1,0 +1,52 @@
+"""The HTTP server behind `cartd serve`: uvicorn with a shutdown that puts staging down first.
+
+On SIGTERM uvicorn stops listening, lets responses in flight finish for up to
+`CARTD_SHUTDOWN_GRACE` seconds (a tar download can take a while), then runs the lifespan
+shutdown.  Left alone, the staging worker would keep claiming new files all through that
+grace period, so a long download would hold the old process busy with work that a
+replacement process is about to start again.  Stopping the worker first means SIGTERM stops
+taking work at once.  Its fetches in flight are cancelled: their `.part` files are removed
+and their rows stay `staging`, which the next start-up requeues, so staging resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import uvicorn
+from fastapi import FastAPI
+
+from cartd.runtime import Runtime
+from cartd.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class GracefulServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.cartd_app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        runtime: Runtime | None = getattr(self.cartd_app.state, "runtime", None)
+        if runtime is not None:
+            await runtime.worker.stop()
+            log.info(
+                "shutting down: staging stopped (it resumes at the next start); "
+                "downloads in flight get %ss to finish",
+                self.config.timeout_graceful_shutdown,
+            )
+        await super().shutdown(sockets)
+
+
+def serve(app: FastAPI, settings: Settings, log_level: str) -> None:
+    """Run until SIGINT or SIGTERM, then shut down gracefully (see the module docstring)."""
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=settings.shutdown_grace,
+    )
+    GracefulServer(config, app).run()
