@@ -70,11 +70,17 @@ class CrashLoop:
         self.env = cartd_env(db_url, self.volume, archive.url, fetch_concurrency="3")
         self.carts: dict[str, CartPlan] = {}
         self.report = CrashReport(seed)
-        self.lives = 0
+        self.started: list[Cartd] = []
 
     def start(self) -> Cartd:
-        self.lives += 1
-        return Cartd(self.env, self.root / "cartd.log").wait_up()
+        service = Cartd(self.env, self.root / "cartd.log")
+        self.started.append(service)
+        return service.wait_up()
+
+    def close(self) -> None:
+        """Kill whatever a failed round left running: no cartd may outlive its proof."""
+        for service in self.started:
+            service.kill()
 
     def new_cart(self) -> tuple[str, CartPlan]:
         """A few small files, and one big one held on tape so that every window opens."""
@@ -200,11 +206,14 @@ class CrashLoop:
         started = time.monotonic()
         self.archive.get_chunk_delay = 0.03  # a 3 MiB file takes about 0.1 s to write
         points = list(KILL_POINTS)
-        for kill in range(kills):
-            if kill % len(points) == 0:
-                self.rng.shuffle(points)  # every point in turn, in a random order
-            self.round(points[kill % len(points)])
-        self.finish()
+        try:
+            for kill in range(kills):
+                if kill % len(points) == 0:
+                    self.rng.shuffle(points)  # every point in turn, in a random order
+                self.round(points[kill % len(points)])
+            self.finish()
+        finally:
+            self.close()
         self.report.seconds = time.monotonic() - started
         return self.report
 

@@ -126,6 +126,7 @@ class Soak:
         while len(settled) < len(self.plans):
             for uid in self.plans.keys() - settled.keys():
                 head = self.client.head(f"/{uid}")
+                assert "X-Pacifica-Status" in head.headers, (uid, head.status_code, head.text)
                 state = head.status_code, head.headers["X-Pacifica-Status"]
                 if state[1] != "staging":
                     settled[uid] = (*state, head.headers["X-Pacifica-Message"])

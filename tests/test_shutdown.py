@@ -7,6 +7,7 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -53,6 +54,21 @@ def refused(url: str) -> bool:
 
 
 @pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Cartd]]:
+    """Start `cartd serve` processes; any still running at teardown is killed."""
+    started: list[Cartd] = []
+
+    def start(env: dict[str, str], name: str, log_level: str = "warning") -> Cartd:
+        service = Cartd(env, tmp_path / f"{name}.log", log_level)
+        started.append(service)
+        return service.wait_up()
+
+    yield start
+    for service in started:
+        service.kill()
+
+
+@pytest.fixture
 def env(db_url: str, archive: ArchiveServer, tmp_path: Path) -> dict[str, str]:
     return cartd_env(db_url, tmp_path / "volume", archive.url, fetch_concurrency="1")
 
@@ -79,10 +95,10 @@ def queue_slow_cart(service: Cartd, archive: ArchiveServer, volume: Path) -> dic
 
 @pytest.mark.timeout(180)
 def test_sigterm_finishes_the_download_stops_staging_and_resumes_it(
-    env: dict[str, str], archive: ArchiveServer, tmp_path: Path
+    env: dict[str, str], archive: ArchiveServer, spawn: Callable[..., Cartd]
 ) -> None:
     volume = Path(env["CARTD_VOLUME_PATH"])
-    service = Cartd({**env, "CARTD_SHUTDOWN_GRACE": "30"}, tmp_path / "a.log", "info").wait_up()
+    service = spawn({**env, "CARTD_SHUTDOWN_GRACE": "30"}, "a", "info")
     big = ready_big_cart(service, archive)
     queued = queue_slow_cart(service, archive, volume)
 
@@ -99,13 +115,14 @@ def test_sigterm_finishes_the_download_stops_staging_and_resumes_it(
     reader.thread.join(10)
     assert reader.error is None, reader.error
     assert tar_digests(bytes(reader.body)) == big
-    assert reader.finished_at - signalled > 1.0, "the download did not outlive the SIGTERM"
-    assert exited >= reader.finished_at - 0.5, "the service exited before the download ended"
+    # 48 MiB at ~12 MiB/s: far more than socket buffers hold, so the service really kept
+    # streaming for seconds after the signal (it may exit while the client drains buffers).
+    assert exited - signalled > 1.0, "the service did not wait for the download"
     assert len(archive.requests) == requests_when_stopped, "staging went on after SIGTERM"
     assert part_files(volume) == []
 
     archive.get_chunk_delay = 0.0
-    restarted = Cartd(env, tmp_path / "b.log").wait_up()
+    restarted = spawn(env, "b")
     assert restarted.wait_settled("queued") == (204, "ready", "")
     download = restarted.client.get("/queued", params={"filename": "q.tar"})
     assert tar_digests(download.content) == queued
@@ -116,9 +133,9 @@ def test_sigterm_finishes_the_download_stops_staging_and_resumes_it(
 
 @pytest.mark.timeout(120)
 def test_a_download_slower_than_the_grace_period_is_cut_at_the_deadline(
-    env: dict[str, str], archive: ArchiveServer, tmp_path: Path
+    env: dict[str, str], archive: ArchiveServer, spawn: Callable[..., Cartd]
 ) -> None:
-    service = Cartd({**env, "CARTD_SHUTDOWN_GRACE": "1"}, tmp_path / "c.log").wait_up()
+    service = spawn({**env, "CARTD_SHUTDOWN_GRACE": "1"}, "c")
     ready_big_cart(service, archive)
     reader = SlowReader(f"{service.url}/big?filename=big.tar", pace=1.0)  # about 48 s
     wait_for(lambda: len(reader.body) > 0, "the download to start", 20)

@@ -14,7 +14,8 @@ from starlette.exceptions import HTTPException
 
 from cartd import bundle, carts
 from cartd.api import ranges
-from cartd.api.errors import error_response
+from cartd.api.errors import error_response, header_text
+from cartd.db.deadlock import retry_deadlocks
 from cartd.db.models import CartState
 from cartd.runtime import Runtime
 from cartd.schemas import (
@@ -98,7 +99,9 @@ async def create_cart(cart_id: CartId, request: Request, runtime: RuntimeDep) ->
         # Parsing a 100,000-file cart takes about a second of CPU: keep it off the loop.
         cart = await asyncio.to_thread(carts.parse_cart, body, settings.max_files_per_cart)
         ttl = carts.time_to_live(cart.ttl, settings.cart_ttl, settings.cart_ttl_max)
-        created = await carts.create_cart(runtime.sessions, cart_id, cart, ttl)
+        created = await retry_deadlocks(
+            lambda: carts.create_cart(runtime.sessions, cart_id, cart, ttl)
+        )
     except carts.InvalidCart as exc:
         return error_response(400, str(exc))
     except carts.CartConflict as exc:
@@ -113,9 +116,8 @@ async def create_cart(cart_id: CartId, request: Request, runtime: RuntimeDep) ->
 
 def _status_headers(state: str, message: str) -> dict[str, str]:
     public = state if state in (CartState.READY, CartState.ERROR) else "staging"
-    # Header values must be latin-1 and single-line; the JSON status has the full text.
-    safe = " ".join(message.split()).encode("latin-1", "replace").decode("latin-1")
-    return {"X-Pacifica-Status": public, "X-Pacifica-Message": safe}
+    # The JSON status has the full text; the header gets a latin-1, single-line version.
+    return {"X-Pacifica-Status": public, "X-Pacifica-Message": header_text(message)}
 
 
 _STATUS_HEADERS = {
@@ -143,7 +145,7 @@ _STATUS_HEADERS = {
 )
 async def head_cart(cart_id: CartId, runtime: RuntimeDep) -> Response:
     try:
-        cart = await carts.find_cart(runtime.sessions, cart_id, touch=True)
+        cart = await retry_deadlocks(lambda: carts.find_cart(runtime.sessions, cart_id, touch=True))
     except carts.CartNotFound as exc:
         return Response(status_code=404, headers=_status_headers("error", str(exc)))
     code = 500 if cart.state == CartState.ERROR else 204
@@ -158,7 +160,7 @@ async def head_cart(cart_id: CartId, runtime: RuntimeDep) -> Response:
 )
 async def cart_status(cart_id: CartId, runtime: RuntimeDep) -> CartStatus | Response:
     try:
-        return await carts.cart_status(runtime.sessions, cart_id)
+        return await retry_deadlocks(lambda: carts.cart_status(runtime.sessions, cart_id))
     except carts.CartNotFound as exc:
         return error_response(404, str(exc))
 
@@ -195,7 +197,7 @@ async def download_cart(
 ) -> Response:
     try:
         name = bundle.check_name(filename or bundle.default_name())
-        cart, files = await carts.ready_files(runtime.sessions, cart_id)
+        cart, files = await retry_deadlocks(lambda: carts.ready_files(runtime.sessions, cart_id))
     except bundle.InvalidBundleName as exc:
         return error_response(400, str(exc))
     except carts.CartNotFound as exc:
@@ -272,7 +274,9 @@ async def _stream_held(
 )
 async def delete_cart(cart_id: CartId, runtime: RuntimeDep) -> Response:
     try:
-        await carts.delete_cart(runtime.sessions, runtime.worker, runtime.volume, cart_id)
+        await retry_deadlocks(
+            lambda: carts.delete_cart(runtime.sessions, runtime.worker, runtime.volume, cart_id)
+        )
     except carts.CartNotFound:
         return error_response(404, "The cart does not exist or has already been deleted")
     return JSONResponse({"message": "Cart Deleted Successfully"})

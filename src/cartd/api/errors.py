@@ -12,6 +12,12 @@ from starlette.exceptions import HTTPException
 log = logging.getLogger(__name__)
 
 
+def header_text(message: str) -> str:
+    """A header value must be one line of latin-1: a cart id in a message may be anything
+    (`/%E2%82%AC` decodes to a euro sign), and an unencodable header is a 500."""
+    return " ".join(message.split()).encode("latin-1", "replace").decode("latin-1")
+
+
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     return JSONResponse({"status": status, "message": message}, status, headers=headers)
 
@@ -23,7 +29,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         message = "No such resource"
     headers = dict(exc.headers or {})
     if request.method == "HEAD":  # HEAD has no body: pacifica clients read these headers
-        headers.update({"X-Pacifica-Status": "error", "X-Pacifica-Message": message})
+        headers.update({"X-Pacifica-Status": "error", "X-Pacifica-Message": header_text(message)})
     return error_response(exc.status_code, message, headers)
 
 
@@ -35,9 +41,12 @@ async def _validation_error(_request: Request, exc: Exception) -> Response:
     return error_response(400, f"invalid request: {details}")
 
 
-async def _unexpected(_request: Request, exc: Exception) -> Response:
+async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
-    return error_response(500, "internal server error")
+    headers = None
+    if request.method == "HEAD":  # PROTOCOL.md: both status headers on every code
+        headers = {"X-Pacifica-Status": "error", "X-Pacifica-Message": "internal server error"}
+    return error_response(500, "internal server error", headers)
 
 
 def install(app: FastAPI) -> None:
