@@ -1,9 +1,12 @@
-"""Tar bundles planned up front and streamed on the fly.
+"""Bundles planned up front and streamed on the fly: tar here, zip in `zipbundle`.
 
 The plan is the list of members with their header bytes, so the exact size is known
 before the first byte is sent, and the same cart and name always give the same bytes.
-Headers are built with `TarInfo.tobuf` (PAX), never by driving a TarFile.  Because every
-member's length is known, any byte range can be served by seeking straight to it.
+Both formats encode the same format-neutral `layout` (top directory, parent directories,
+files, generated files), and both plans are members plus a trailer, so one byte walker
+(`stream_range`) serves any range of either.  Tar headers are built with `TarInfo.tobuf`
+(PAX), never by driving a TarFile.  Because every member's length is known, any byte range
+can be served by seeking straight to it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import tarfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from urllib.parse import quote
 
@@ -30,6 +34,21 @@ class InvalidBundleName(ValueError):
     pass
 
 
+class Format(StrEnum):
+    """The bundle formats a download can ask for; tar is the default (pacifica-cartd's)."""
+
+    TAR = "tar"
+    ZIP = "zip"
+
+    @property
+    def suffix(self) -> str:
+        return f".{self.value}"
+
+    @property
+    def media_type(self) -> str:
+        return "application/zip" if self is Format.ZIP else "application/x-tar"
+
+
 @dataclass(frozen=True)
 class StagedFile:
     path: str  # relative path inside the bundle, already validated
@@ -37,18 +56,49 @@ class StagedFile:
     mtime: float
     source: Path
     checksum: str = ""  # e.g. "sha1:f572...", the verified content; feeds the digest only
+    crc32: int | None = None  # computed while staging; a zip header needs it up front
+    sha256: str | None = None  # computed while staging; MANIFEST.sha256 lists it
+
+
+@dataclass(frozen=True)
+class Generated:
+    """A file cartd writes into the bundle itself (ERRORS.json, MANIFEST.*)."""
+
+    path: str  # relative to the top directory, like StagedFile.path
+    content: bytes
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One member in format-neutral terms: tar and zip encode the same list of entries.
+
+    `path` includes the top directory.  An entry with neither `file` nor `content` is a
+    directory.
+    """
+
+    path: str
+    mtime: int
+    file: StagedFile | None = None
+    content: bytes | None = None
 
 
 @dataclass(frozen=True)
 class Member:
+    """What the byte walker serves: `header` bytes, `size` bytes of `source`, `pad` zeros.
+
+    A generated file has no source: its content is part of `header`, since it is as much
+    in memory as a header is.
+    """
+
     header: bytes
     source: Path | None
     size: int
     checksum: str = ""
+    pad: int = 0
 
     @property
     def length(self) -> int:
-        return len(self.header) + self.size + _padding(self.size)
+        return len(self.header) + self.size + self.pad
 
 
 @dataclass(frozen=True)
@@ -56,6 +106,7 @@ class Plan:
     name: str
     members: tuple[Member, ...]
     trailer: bytes
+    media_type: str = Format.TAR.media_type
     # Where each member starts, then where the trailer starts, then the total size.
     offsets: tuple[int, ...] = field(init=False, repr=False, compare=False)
     digest: str = field(init=False, repr=False, compare=False)
@@ -64,17 +115,19 @@ class Plan:
         # Computed once, where the plan is built (off the event loop), not per range request.
         lengths = [m.length for m in self.members] + [len(self.trailer)]
         object.__setattr__(self, "offsets", tuple(itertools.accumulate(lengths, initial=0)))
-        object.__setattr__(self, "digest", _digest(self.name, self.members, self.trailer))
+        digest = _digest(self.name, self.media_type, self.members, self.trailer)
+        object.__setattr__(self, "digest", digest)
 
     @property
     def size(self) -> int:
         return self.offsets[-1]
 
 
-def _digest(name: str, members: Sequence[Member], trailer: bytes) -> str:
+def _digest(name: str, media_type: str, members: Sequence[Member], trailer: bytes) -> str:
     """Identity of the bytes a plan yields, for a strong ETag; never reads file contents.
 
-    The NAME, every header (path, size, mtime), size and verified checksum, and the trailer,
+    The NAME, the media type (a tar and a zip of one cart are different representations),
+    every header (path, size, mtime, CRC), size and verified checksum, and the trailer,
     each length-prefixed so that no two different plans can feed the hash the same bytes.
     """
     hasher = hashlib.sha256(b"cartd-bundle-1")
@@ -84,9 +137,10 @@ def _digest(name: str, members: Sequence[Member], trailer: bytes) -> str:
         hasher.update(data)
 
     feed(name.encode("utf-8", "surrogatepass"))
+    feed(media_type.encode())
     for member in members:
         feed(member.header)
-        feed(str(member.size).encode())
+        feed(f"{member.size}+{member.pad}".encode())
         feed(member.checksum.encode("utf-8", "surrogatepass"))
     feed(trailer)
     return hasher.hexdigest()
@@ -96,21 +150,21 @@ def _padding(size: int) -> int:
     return -size % BLOCK
 
 
-def default_name(now: float | None = None) -> str:
-    return time.strftime("data_%Y_%m_%d_%H_%M_%S.tar", time.localtime(now))
+def default_name(now: float | None = None, fmt: Format = Format.TAR) -> str:
+    return time.strftime(f"data_%Y_%m_%d_%H_%M_%S{fmt.suffix}", time.localtime(now))
 
 
-def check_name(name: str) -> str:
+def check_name(name: str, fmt: Format = Format.TAR) -> str:
     """A download name becomes the top directory, so it must be one plain path segment."""
     if _BAD_NAME.search(name):
         raise InvalidBundleName("filename must not contain '/', '\\' or control characters")
-    if top_directory(name) in ("", ".", ".."):
+    if top_directory(name, fmt) in ("", ".", ".."):
         raise InvalidBundleName(f"filename {name!r} does not give a usable top directory")
     return name
 
 
-def top_directory(name: str) -> str:
-    return name.removesuffix(".tar")
+def top_directory(name: str, fmt: Format = Format.TAR) -> str:
+    return name.removesuffix(fmt.suffix)
 
 
 def content_disposition(name: str) -> str:
@@ -132,11 +186,14 @@ def _header(name: str, kind: bytes, size: int, mtime: int, mode: int) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
-def plan_tar(name: str, files: Sequence[StagedFile]) -> Plan:
-    """Members in order: top directory, then each file preceded by any new parent dirs."""
-    top = top_directory(name)
+def layout(top: str, files: Sequence[StagedFile], extra: Sequence[Generated] = ()) -> list[Entry]:
+    """The entries of either format: top, each file after its new parents, generated files.
+
+    Directories and generated files take the newest file mtime, never the clock, so that
+    the same cart always gives the same bytes.
+    """
     dir_mtime = int(max((f.mtime for f in files), default=0))
-    members = [Member(_header(top, tarfile.DIRTYPE, 0, dir_mtime, 0o755), None, 0)]
+    entries = [Entry(top, dir_mtime)]
     made: set[str] = set()
     for staged in files:
         parts = staged.path.split("/")
@@ -144,12 +201,27 @@ def plan_tar(name: str, files: Sequence[StagedFile]) -> Plan:
             parent = "/".join(parts[:depth])
             if parent not in made:
                 made.add(parent)
-                header = _header(f"{top}/{parent}", tarfile.DIRTYPE, 0, dir_mtime, 0o755)
-                members.append(Member(header, None, 0))
-        header = _header(
-            f"{top}/{staged.path}", tarfile.REGTYPE, staged.size, int(staged.mtime), 0o644
-        )
-        members.append(Member(header, staged.source, staged.size, staged.checksum))
+                entries.append(Entry(f"{top}/{parent}", dir_mtime))
+        entries.append(Entry(f"{top}/{staged.path}", int(staged.mtime), file=staged))
+    entries += [Entry(f"{top}/{g.path}", dir_mtime, content=g.content) for g in extra]
+    return entries
+
+
+def _tar_member(entry: Entry) -> Member:
+    if entry.file is not None:
+        staged = entry.file
+        header = _header(entry.path, tarfile.REGTYPE, staged.size, entry.mtime, 0o644)
+        return Member(header, staged.source, staged.size, staged.checksum, _padding(staged.size))
+    if entry.content is not None:
+        size = len(entry.content)
+        header = _header(entry.path, tarfile.REGTYPE, size, entry.mtime, 0o644)
+        return Member(header + entry.content, None, 0, pad=_padding(size))
+    return Member(_header(entry.path, tarfile.DIRTYPE, 0, entry.mtime, 0o755), None, 0)
+
+
+def plan_tar(name: str, files: Sequence[StagedFile], extra: Sequence[Generated] = ()) -> Plan:
+    """The tar of `layout`, ending in two zero blocks padded to a whole record."""
+    members = [_tar_member(entry) for entry in layout(top_directory(name), files, extra)]
     body = sum(m.length for m in members)
     end = 2 * BLOCK
     trailer = bytes(end + -(body + end) % RECORD)
@@ -157,19 +229,19 @@ def plan_tar(name: str, files: Sequence[StagedFile]) -> Plan:
 
 
 async def stream(plan: Plan, chunk_size: int) -> AsyncIterator[bytes]:
-    """The whole tar: the full range, so there is one byte-walking code path, not two."""
+    """The whole bundle: the full range, so there is one byte-walking code path, not two."""
     async for chunk in stream_range(plan, 0, plan.size - 1, chunk_size):
         yield chunk
 
 
 async def stream_range(plan: Plan, start: int, end: int, chunk_size: int) -> AsyncIterator[bytes]:
-    """Yield exactly bytes [start, end] (inclusive, as in HTTP) of the tar.
+    """Yield exactly bytes [start, end] (inclusive, as in HTTP) of the bundle, tar or zip.
 
     Bisecting the member offsets finds the first member at once, and only files that overlap
     the range are opened, so resuming near the end of a huge cart costs what it sends.
     """
     if not 0 <= start <= end < plan.size:
-        raise ValueError(f"range {start}-{end} is outside a {plan.size}-byte tar")
+        raise ValueError(f"range {start}-{end} is outside a {plan.size}-byte bundle")
     stop = end + 1
     first = bisect.bisect_right(plan.offsets, start) - 1
     for index in range(first, len(plan.members) + 1):
