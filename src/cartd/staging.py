@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from typing import Any
 
 from cartd.archive import Archive, ArchiveFileError, FileInfo, Media, TransientArchiveError
 from cartd.cache import NO_SPACE, Cache, NoSpace, Reservation
+from cartd.checksums import Checksums, Hasher
 from cartd.db.store import FileJob
 from cartd.retry import Backoff, retry_transient
 from cartd.settings import Settings
@@ -32,6 +32,7 @@ HASH_MISMATCH = "File hash does not match provided hash"
 class Staged:
     size: int
     mtime: float
+    checksums: Checksums
 
 
 class Stager:
@@ -87,21 +88,21 @@ class Stager:
         part = self.volume.part_path(job.cart_id, job.file_id)
         part.parent.mkdir(parents=True, exist_ok=True)
         for attempt in (1, 2):
-            digest = await self._retry(lambda: self._transfer(job, info, part, reservation))
-            if digest == job.hashsum.lower():
+            sums = await self._retry(lambda: self._transfer(job, info, part, reservation))
+            if sums.requested == job.hashsum.lower():
                 await asyncio.to_thread(commit_file, part, final, info.mtime)
-                return Staged(size=info.size, mtime=info.mtime)
+                return Staged(size=info.size, mtime=info.mtime, checksums=sums)
             part.unlink(missing_ok=True)
             log.warning("checksum mismatch on %s (attempt %d)", job.archive_id, attempt)
         raise ArchiveFileError(HASH_MISMATCH)
 
     async def _transfer(
         self, job: FileJob, info: FileInfo, part: Path, reservation: Reservation
-    ) -> str:
+    ) -> Checksums:
         """One download attempt into `part`; a short or long body is a transient fault."""
         reservation.written = 0
         try:
-            received, digest = await self._stream_to(part, job, reservation)
+            received, sums = await self._stream_to(part, job, reservation)
         except OSError as exc:
             part.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -115,17 +116,18 @@ class Stager:
             raise TransientArchiveError(
                 f"archive sent {received} bytes of {job.archive_id!r}, expected {info.size}"
             )
-        return digest
+        return sums
 
     async def _stream_to(
         self, part: Path, job: FileJob, reservation: Reservation
-    ) -> tuple[int, str]:
+    ) -> tuple[int, Checksums]:
         """Write and hash each chunk in a worker thread so the event loop never blocks on disk.
 
-        Stops reading once the body exceeds the announced size: a misbehaving archive must
-        not be able to fill the volume.
+        The same step computes the SHA-256 and CRC-32 that manifests and zip headers need,
+        so no download ever re-reads a file.  Stops reading once the body exceeds the
+        announced size: a misbehaving archive must not be able to fill the volume.
         """
-        hasher = hashlib.new(job.hashtype)
+        hasher = Hasher(job.hashtype)
         received = 0
         with open(part, "wb") as handle:  # noqa: ASYNC230 - every write runs in to_thread
             async with self.archive.open(job.archive_id) as chunks:
@@ -135,9 +137,9 @@ class Stager:
                         break
                     await asyncio.to_thread(_write_and_hash, handle, hasher, chunk)
                     reservation.written = received
-        return received, hasher.hexdigest()
+        return received, hasher.result()
 
 
-def _write_and_hash(handle: Any, hasher: Any, chunk: bytes) -> None:
+def _write_and_hash(handle: Any, hasher: Hasher, chunk: bytes) -> None:
     handle.write(chunk)
     hasher.update(chunk)
