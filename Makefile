@@ -7,7 +7,7 @@ ARCHIVE_VENV := .venv-archive
 PIP := $(VENV)/bin/pip install --quiet --disable-pip-version-check
 LOCK := requirements/constraints.txt
 
-.PHONY: serve test check lock bench clean
+.PHONY: serve test check lock bench proofs clean
 
 serve: $(VENV)/.runtime
 	mkdir -p archive
@@ -17,7 +17,7 @@ test: $(VENV)/.test $(ARCHIVE_VENV)/.installed
 	$(VENV)/bin/pytest
 
 check: $(VENV)/.test
-	$(VENV)/bin/ruff check src tests alembic
+	$(VENV)/bin/ruff check src tests bench alembic
 	$(VENV)/bin/mypy src
 
 $(VENV)/bin/python:
@@ -37,6 +37,13 @@ $(ARCHIVE_VENV)/.installed: requirements/archiveinterface.txt
 	$(ARCHIVE_VENV)/bin/pip install --quiet --disable-pip-version-check \
 		-r requirements/archiveinterface.txt
 	touch $@
+
+# The reliability proofs at full size; `make test` runs a short version of each.
+proofs: $(VENV)/.test
+	$(VENV)/bin/python bench/soak.py
+	$(VENV)/bin/python bench/crashloop.py --kills 50
+	$(VENV)/bin/python bench/load.py
+	$(VENV)/bin/python bench/outage.py
 
 lock:
 	rm -rf /tmp/cartd-lock && $(PYTHON) -m venv /tmp/cartd-lock

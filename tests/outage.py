@@ -57,10 +57,12 @@ class OutageReport:
     recovered_after: float  # seconds from the archive's return to the last cart ready
 
 
-def publish(archive: ArchiveServer, carts: int, files: int) -> dict[str, list[dict[str, Any]]]:
+def publish(
+    archive: ArchiveServer, prefix: str, carts: int, files: int
+) -> dict[str, list[dict[str, Any]]]:
     plans = {}
     for number in range(carts):
-        uid = f"outage-{number}"
+        uid = f"{prefix}-{number}"
         blobs = {f"{uid}/{i}": os.urandom(50_000 + i) for i in range(files)}
         for file_id, data in blobs.items():
             archive.add_file(file_id, data)
@@ -100,7 +102,7 @@ def survive(
     client: httpx.Client, archive: ArchiveServer, clocks: Clocks, mode: str, outage: float
 ) -> OutageReport:
     """The archive goes away right after the POSTs and returns after `outage` seconds."""
-    plans = publish(archive, carts=4, files=3)
+    plans = publish(archive, "waits", carts=4, files=3)
     go_away(archive, mode)
     for uid, fileids in plans.items():
         assert client.post(f"/{uid}", json={"fileids": fileids}).status_code == 201
@@ -127,7 +129,7 @@ def give_up(
     client: httpx.Client, archive: ArchiveServer, mode: str, limit: float
 ) -> dict[str, tuple[int, str, str]]:
     """The archive stays away: every cart fails, in about `limit` seconds, saying why."""
-    plans = publish(archive, carts=4, files=2)
+    plans = publish(archive, "gives-up", carts=4, files=2)
     go_away(archive, mode)
     started = time.monotonic()
     for uid, fileids in plans.items():
