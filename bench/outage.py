@@ -47,7 +47,7 @@ def main() -> None:
             report = survive(service.client, archive, PRODUCTION, args.mode, args.outage)
             assert report.requests_during_outage <= report.request_bound, report
             started = time.monotonic()
-            failed = give_up(service.client, archive, args.mode, args.limit)
+            failed = give_up(service.client, archive, args.mode, args.limit, PRODUCTION.retry_max)
             gave_up_after = time.monotonic() - started
     messages = sorted({message for _code, _status, message in failed.values()})
     assert all("archive unreachable" in m for m in messages), messages

@@ -138,7 +138,8 @@ class CrashLoop:
             if poll(lambda: any(size_or_zero(p) > 0 for p in part_files(self.volume)), 20):
                 return "file-write"
             point = "staging"
-        assert service.state(uid)[1] == "staging"
+        state = service.state(uid)
+        assert state[1] == "staging", f"{uid} left staging before the kill: {state}"
         time.sleep(self.rng.uniform(0, 0.3))  # a random instant while staging runs
         return "staging"
 

@@ -34,7 +34,7 @@ def test_an_outage_past_the_limit_fails_the_carts_saying_why(
     make_service: MakeService, archive: ArchiveServer, mode: str
 ) -> None:
     service = make_service(archive_unreachable_timeout=1.5, retry_max=0.3)
-    for uid, (code, status, message) in give_up(service.client, archive, mode, 1.5).items():
+    for uid, (code, status, message) in give_up(service.client, archive, mode, 1.5, 0.3).items():
         assert (code, status) == (500, "error"), uid
         assert message.startswith("Failed to pull file("), message
         assert "archive unreachable" in message, message
