@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, Double, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Boolean, Double, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -57,6 +57,10 @@ class Cart(Base):
     expires_at: Mapped[float | None] = mapped_column(Double, default=None, index=True)
     # Why it left: "deleted" (a client), "evicted" (LRU), "expired" (TTL), "purged" (admin).
     deleted_reason: Mapped[str] = mapped_column(String(16), default="")
+    # Options chosen at POST: every download carries MANIFEST.*; failed files do not fail
+    # the cart, whose bundle then lists them in ERRORS.json.
+    manifest: Mapped[bool] = mapped_column(Boolean, default=False)
+    allow_partial: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class CartFile(Base):
@@ -83,3 +87,7 @@ class CartFile(Base):
     error: Mapped[str] = mapped_column(Text, default="")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[float] = mapped_column(Double)
+    # Computed while staging, for zip headers and MANIFEST.sha256; NULL for files staged
+    # before schema 0003 (a download computes and saves them on first need).
+    crc32: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    sha256: Mapped[str | None] = mapped_column(String(64), default=None)
