@@ -169,7 +169,9 @@ def _check_states(snap: _Snapshot) -> list[Finding]:
     findings = []
     for cart in snap.carts.values():
         rows = snap.files[cart.id].values()
-        unstaged = [r.id for r in rows if r.state != FileState.STAGED]
+        # A partial cart's failed files are settled: its bundle lists them in ERRORS.json.
+        settled = (FileState.STAGED, FileState.ERROR) if cart.allow_partial else (FileState.STAGED,)
+        unstaged = [r.id for r in rows if r.state not in settled]
         where = f"cart {cart.uid!r} (row {cart.id})"
         if cart.state in store.LIVE_CART_STATES and rows and not unstaged:
             detail = f"{cart.state} although every file is staged"

@@ -138,7 +138,10 @@ class Worker:
             log.exception("unexpected failure fetching %s", job.archive_id)
             await self._record_failure(job, f"internal error: {exc!r}")
             return
-        if await self._settle(lambda s: store.file_staged(s, job, staged.size, staged.mtime)):
+        sums = staged.checksums
+        if await self._settle(
+            lambda s: store.file_staged(s, job, staged.size, staged.mtime, sums.crc32, sums.sha256)
+        ):
             self.stager.cache.forget_cart(job.cart_id)
             log.info("cart %d is ready", job.cart_id)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy import and_, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from cartd.db import store
 from cartd.db.models import Cart, CartFile, CartState, FileState
 from cartd.db.store import LIVE_CART_STATES
 
@@ -22,6 +23,7 @@ class CartRow:
     id: int
     uid: str
     state: str
+    allow_partial: bool = False
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class FileRow:
 async def live_carts(session: AsyncSession) -> list[CartRow]:
     """Every cart that still owns files on the volume (anything not deleted)."""
     result = await session.execute(
-        select(Cart.id, Cart.uid, Cart.state)
+        select(Cart.id, Cart.uid, Cart.state, Cart.allow_partial)
         .where(Cart.state != CartState.DELETED)
         .order_by(Cart.id)
     )
@@ -59,8 +61,14 @@ async def cart_file_rows(session: AsyncSession, cart_id: int) -> Sequence[FileRo
 
 
 async def mark_ready(session: AsyncSession, cart_id: int) -> bool:
-    """A live cart whose files are all staged is ready; the guard re-checks that in SQL."""
+    """A live cart whose files are all staged is ready; the guard re-checks that in SQL.
+
+    A partial cart finishes by the rule the service applies to it (store.finish_partial).
+    """
     now = time.time()
+    partial = await session.execute(select(Cart.allow_partial).where(Cart.id == cart_id))
+    if partial.scalar():
+        return await store.finish_partial(session, cart_id, now)
     unfinished = exists().where(
         and_(CartFile.cart_id == cart_id, CartFile.state != FileState.STAGED)
     )

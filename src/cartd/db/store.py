@@ -20,6 +20,7 @@ from cartd.db.models import Cart, CartFile, CartState, FileState
 LIVE_CART_STATES = (CartState.WAITING, CartState.STAGING)
 FINISHED_CART_STATES = (CartState.READY, CartState.ERROR)
 UNFINISHED_FILE_STATES = (FileState.WAITING, FileState.STAGING, FileState.ERROR)
+PENDING_FILE_STATES = (FileState.WAITING, FileState.STAGING)  # a partial cart waits for these
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,14 @@ async def insert_cart(
     fingerprint: str,
     files: Sequence[dict[str, Any]],
     ttl: float | None = None,
+    *,
+    manifest: bool = False,
+    allow_partial: bool = False,
 ) -> Cart:
     now = time.time()
     cart = Cart(
+        manifest=manifest,
+        allow_partial=allow_partial,
         expires_at=now + ttl if ttl else None,
         uid=uid,
         active_uid=uid,
@@ -268,19 +274,29 @@ async def record_size(session: AsyncSession, file_id: int, size: int, mtime: flo
     )
 
 
-async def _lock_cart(session: AsyncSession, cart_id: int) -> None:
-    """Serialise a cart's completion checks.
+async def _lock_cart(session: AsyncSession, cart_id: int) -> bool:
+    """Serialise a cart's completion checks; returns whether the cart allows partial results.
 
     Without the row lock, two files finishing at once under READ COMMITTED each see the
     other still `staging`, neither marks the cart ready, and it is stuck forever.
     """
-    await session.execute(select(Cart.id).where(Cart.id == cart_id).with_for_update())
+    result = await session.execute(
+        select(Cart.allow_partial).where(Cart.id == cart_id).with_for_update()
+    )
+    return bool(result.scalar())
 
 
-async def file_staged(session: AsyncSession, job: FileJob, size: int, mtime: float) -> bool:
-    """Record a verified file; returns True when that made its cart ready."""
+async def file_staged(
+    session: AsyncSession,
+    job: FileJob,
+    size: int,
+    mtime: float,
+    crc32: int | None = None,
+    sha256: str | None = None,
+) -> bool:
+    """Record a verified file; returns True when that finished its cart (made it ready)."""
     now = time.time()
-    await _lock_cart(session, job.cart_id)
+    partial = await _lock_cart(session, job.cart_id)
     await session.execute(
         _update(CartFile)
         .where(CartFile.id == job.file_id, CartFile.state == FileState.STAGING)
@@ -290,9 +306,13 @@ async def file_staged(session: AsyncSession, job: FileJob, size: int, mtime: flo
             mtime=mtime,
             bytes_staged=size,
             error="",
+            crc32=crc32,
+            sha256=sha256,
             updated_at=now,
         )
     )
+    if partial:
+        return await finish_partial(session, job.cart_id, now)
     # An IN list rather than `!= staged`, so the claim index answers it with a few seeks
     # instead of a scan of the whole cart for every file that completes.
     unfinished = exists().where(
@@ -310,19 +330,22 @@ MAX_ERROR_CHARS = 2000  # MariaDB TEXT holds 64 KiB; archives have sent more tha
 
 
 async def file_failed(session: AsyncSession, job: FileJob, error: str) -> bool:
-    """Record a failed file and fail its cart; True if the cart was live until now.
+    """Record a failed file and fail its cart; True if that finished the cart.
 
     The cart's other in-flight files are being cancelled: they go back to `waiting`, so
-    the status never shows a fetch that nobody runs.
+    the status never shows a fetch that nobody runs.  A partial cart instead carries on,
+    and finishes only when its last file is staged or failed.
     """
     now = time.time()
     error = error if len(error) <= MAX_ERROR_CHARS else error[:MAX_ERROR_CHARS] + "..."
-    await _lock_cart(session, job.cart_id)
+    partial = await _lock_cart(session, job.cart_id)
     await session.execute(
         _update(CartFile)
         .where(CartFile.id == job.file_id)
         .values(state=FileState.ERROR, error=error, updated_at=now)
     )
+    if partial:
+        return await finish_partial(session, job.cart_id, now)
     await session.execute(
         _update(CartFile)
         .where(CartFile.cart_id == job.cart_id, CartFile.state == FileState.STAGING)
@@ -334,6 +357,53 @@ async def file_failed(session: AsyncSession, job: FileJob, error: str) -> bool:
         .values(state=CartState.ERROR, message=f"Failed to pull file({error})", updated_at=now)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def finish_partial(session: AsyncSession, cart_id: int, now: float) -> bool:
+    """A partial cart with no file waiting or staging is done: `ready` if any file staged,
+    with a message that counts the failures, else `error` like any other cart.
+
+    The cheap existence check runs on every outcome; the counts only once, at the end.
+    """
+    pending = exists().where(
+        and_(CartFile.cart_id == cart_id, CartFile.state.in_(PENDING_FILE_STATES))
+    )
+    if (await session.execute(select(pending))).scalar():
+        return False
+    totals = await cart_totals(session, cart_id)
+    path, error = await _first_failure(session, cart_id)
+    values: dict[str, Any] = {"state": CartState.ERROR, "message": f"Failed to pull file({error})"}
+    if totals.staged:
+        summary = f"{totals.errored} of {totals.files} files failed: {path}: {error}"
+        message = summary if totals.errored else ""
+        values = {"state": CartState.READY, "message": message, "ready_at": now}
+        values["last_used_at"] = now
+    result = await session.execute(
+        _update(Cart)
+        .where(Cart.id == cart_id, Cart.state.in_(LIVE_CART_STATES))
+        .values(updated_at=now, **values)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def _first_failure(session: AsyncSession, cart_id: int) -> tuple[str, str]:
+    """(path, error) of the cart's first failed file in cart order, or empty strings."""
+    row = (
+        await session.execute(
+            select(CartFile.path, CartFile.error)
+            .where(CartFile.cart_id == cart_id, CartFile.state == FileState.ERROR)
+            .order_by(CartFile.position)
+            .limit(1)
+        )
+    ).first()
+    return (row[0], row[1]) if row else ("", "")
+
+
+async def record_checksums(session: AsyncSession, found: dict[int, tuple[int, str]]) -> None:
+    """Save (CRC-32, SHA-256) by file id, computed late for files staged before schema 0003."""
+    if found:
+        rows = [{"id": key, "crc32": crc, "sha256": sha} for key, (crc, sha) in found.items()]
+        await session.execute(update(CartFile), rows)  # bulk UPDATE by primary key
 
 
 async def requeue_orphans(session: AsyncSession, running: Sequence[int]) -> int:
