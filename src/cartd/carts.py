@@ -84,8 +84,10 @@ def time_to_live(requested: float | None, default: float, maximum: float) -> flo
 
 
 def fingerprint(cart: CartRequest) -> str:
-    """Identity of a file list, so a retried POST is recognised as the same cart."""
-    canonical = [[e.archive_id, e.path, e.hashtype, e.hashsum] for e in cart.fileids]
+    """Identity of a file list and its options: a retried POST is recognised as the same cart."""
+    canonical: list[Any] = [[e.archive_id, e.path, e.hashtype, e.hashsum] for e in cart.fileids]
+    if cart.manifest or cart.allow_partial:  # only then, so older carts keep their fingerprint
+        canonical.append({"manifest": cart.manifest, "allow_partial": cart.allow_partial})
     return hashlib.sha256(json.dumps(canonical).encode()).hexdigest()
 
 
@@ -111,14 +113,22 @@ async def create_cart(
         async with sessions.begin() as session:
             existing = await store.active_cart(session, uid)
             if existing is None:
-                row = await store.insert_cart(session, uid, digest, rows, ttl)
+                row = await store.insert_cart(
+                    session,
+                    uid,
+                    digest,
+                    rows,
+                    ttl,
+                    manifest=cart.manifest,
+                    allow_partial=cart.allow_partial,
+                )
                 return Created(row.id, new=True)
     except IntegrityError:
         # A concurrent POST of the same id won the unique index; judge against its cart.
         async with sessions.begin() as session:
             existing = await store.active_cart(session, uid)
     if existing is None or existing.fingerprint != digest:
-        raise CartConflict(f"cart {uid} already exists with a different file list")
+        raise CartConflict(f"cart {uid} already exists with a different file list or options")
     return Created(existing.id, new=False)
 
 

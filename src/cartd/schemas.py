@@ -17,6 +17,8 @@ from pydantic import (
     model_validator,
 )
 
+from cartd import generated
+
 CART_ID_PATTERN = r"^[A-Za-z0-9._~-]{1,128}$"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _HEX = re.compile(r"[0-9a-fA-F]+")
@@ -153,6 +155,18 @@ class CartRequest(BaseModel):
     bundle: Any = Field(
         None, description="Accepted for 0.7.0 compatibility; bundles are always streamed."
     )
+    manifest: bool = Field(
+        False,
+        description="Beyond 0.7.0: every download of this cart ends with MANIFEST.sha256 "
+        "(sha256sum -c format) and a MANIFEST.<hashtype> per other hash type; ?manifest= "
+        "overrides it per download.",
+    )
+    allow_partial: bool = Field(
+        False,
+        description="Beyond 0.7.0: a failed file does not fail the cart.  Once every file is "
+        "staged or failed the cart is ready (in error if none staged); its bundle lists the "
+        "failed files in ERRORS.json and its message counts them.",
+    )
 
     @model_validator(mode="after")
     def _paths_do_not_collide(self) -> CartRequest:
@@ -172,6 +186,18 @@ class CartRequest(BaseModel):
                         f"fileids[{seen[parent]}] path {parent!r} is a directory of "
                         f"fileids[{index}] path {entry.path!r}"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _paths_leave_room_for_generated_files(self) -> CartRequest:
+        hashtypes = {entry.hashtype for entry in self.fileids}
+        taken = generated.names(hashtypes, manifest=self.manifest, partial=self.allow_partial)
+        path = generated.clash((entry.path for entry in self.fileids), taken)
+        if path is not None:
+            raise ValueError(
+                f"path {path!r} is where cartd puts its {path.split('/')[0]}; "
+                "rename it, or leave out manifest/allow_partial"
+            )
         return self
 
 

@@ -12,8 +12,8 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from cartd import bundle, carts
-from cartd.api import ranges
+from cartd import bundle, carts, downloads
+from cartd.api import formats, ranges
 from cartd.api.errors import error_response, header_text
 from cartd.db.deadlock import retry_deadlocks
 from cartd.db.models import CartState
@@ -173,23 +173,44 @@ async def cart_status(cart_id: CartId, runtime: RuntimeDep) -> CartStatus | Resp
 _DOWNLOAD_HEADERS = {
     "ETag": {"description": "Strong validator of these bytes", "schema": {"type": "string"}},
     "Accept-Ranges": {"description": "Always bytes", "schema": {"type": "string"}},
+    "Vary": {"description": "Accept, when no format was given", "schema": {"type": "string"}},
 }
+_BUNDLE_TYPES: dict[str, Any] = {bundle.Format.TAR.media_type: {}, bundle.Format.ZIP.media_type: {}}
+FormatParam = Annotated[
+    bundle.Format | None,
+    Query(
+        alias="format",
+        description="tar (default) or zip (stored, Zip64 where needed).  Without it, "
+        "`Accept: application/zip` preferred over application/x-tar gets zip.",
+    ),
+]
+ManifestParam = Annotated[
+    bool | None,
+    Query(
+        description="Add MANIFEST.sha256 (sha256sum -c format) and MANIFEST.<hashtype> as "
+        "the last members; default: as posted with the cart (`manifest`).",
+    ),
+]
 
 
 @router.get(
     "/{cart_id}",
     name="download_cart",
-    summary="Download a ready cart as a tar stream (resumable with Range / If-Range)",
+    summary="Download a ready cart as a tar or zip stream (resumable with Range / If-Range)",
     responses={
         200: {
-            "content": {"application/x-tar": {}},
-            "description": "The bundle (PAX tar).",
+            "content": _BUNDLE_TYPES,
+            "description": "The bundle: a PAX tar, or a stored zip with format=zip.",
             "headers": _DOWNLOAD_HEADERS,
         },
         202: {"model": Message, "description": "Still staging."},
-        206: {"content": {"application/x-tar": {}}, "description": "One byte range."},
+        206: {"content": _BUNDLE_TYPES, "description": "One byte range."},
         304: {"description": "If-None-Match matched the ETag."},
-        **_errors(400, 404, 409, 416),
+        409: {
+            "model": ErrorBody,
+            "description": "The cart is in error, or a manifest would overwrite a cart path.",
+        },
+        **_errors(400, 404, 416),
     },
 )
 async def download_cart(
@@ -197,11 +218,14 @@ async def download_cart(
     request: Request,
     runtime: RuntimeDep,
     filename: Annotated[
-        str | None, Query(description="Bundle name; default data_<time>.tar")
+        str | None, Query(description="Bundle name; default data_<time>.tar (or .zip)")
     ] = None,
+    bundle_format: FormatParam = None,
+    manifest: ManifestParam = None,
 ) -> Response:
+    fmt = bundle_format or formats.from_accept(request.headers.get("accept"))
     try:
-        name = bundle.check_name(filename or bundle.default_name())
+        name = bundle.check_name(filename or bundle.default_name(fmt=fmt), fmt)
         cart, files = await retry_deadlocks(lambda: carts.ready_files(runtime.sessions, cart_id))
     except bundle.InvalidBundleName as exc:
         return error_response(400, str(exc))
@@ -212,31 +236,29 @@ async def download_cart(
     if cart.state != CartState.READY:
         return JSONResponse({"message": "The cart is not ready for download."}, 202)
     hold = runtime.volume.hold(cart.id)  # before the first await: a DELETE now waits for us
+    wanted = downloads.Wanted(fmt, name, manifest)
+    vary = {} if bundle_format else {"Vary": "Accept"}
     try:
-        staged = [
-            bundle.StagedFile(
-                f.path,
-                f.size or 0,
-                f.mtime or 0.0,
-                runtime.volume.file_path(cart.id, f.id),
-                f"{f.hashtype}:{f.hashsum}",
-            )
-            for f in files
-        ]
-        plan = await asyncio.to_thread(bundle.plan_tar, name, staged)
-        return _bundle_response(request, runtime, hold, plan)
+        plan = await downloads.plan(runtime.sessions, runtime.volume, cart, files, wanted)
+        return _bundle_response(request, runtime, hold, plan, vary)
+    except downloads.Refused as exc:
+        hold.release()
+        return error_response(409, str(exc))
     except BaseException:
         hold.release()
         raise
 
 
-def _bundle_response(request: Request, runtime: Runtime, hold: Hold, plan: bundle.Plan) -> Response:
+def _bundle_response(
+    request: Request, runtime: Runtime, hold: Hold, plan: bundle.Plan, vary: dict[str, str]
+) -> Response:
     """Evaluate the preconditions in RFC 9110 order: If-None-Match, then If-Range/Range."""
     etag = ranges.strong_etag(plan.digest)
     if ranges.none_match(request.headers.get("if-none-match"), etag):
         hold.release()
-        return Response(status_code=304, headers={"ETag": etag})
+        return Response(status_code=304, headers={"ETag": etag, **vary})
     headers = {
+        **vary,
         "ETag": etag,
         "Accept-Ranges": "bytes",
         "Content-Disposition": bundle.content_disposition(plan.name),
@@ -256,9 +278,7 @@ def _bundle_response(request: Request, runtime: Runtime, hold: Hold, plan: bundl
     headers["Content-Length"] = str(part.length)
     body = _stream_held(hold, plan, part, runtime.settings.transfer_size)
     weakref.finalize(body, hold.release)  # a client gone before the first byte never starts it
-    return StreamingResponse(
-        body, status_code=status, media_type="application/x-tar", headers=headers
-    )
+    return StreamingResponse(body, status_code=status, media_type=plan.media_type, headers=headers)
 
 
 async def _stream_held(
