@@ -10,7 +10,7 @@ import pytest
 
 from archive_server import ArchiveServer
 from cartd_proc import Cartd, cartd_env
-from load import Load, LoadConfig
+from load import MIN_POLLS, Load, LoadConfig
 
 SEED = 5150
 # All of the concurrency, with small carts so that CI stays short (bench/load.py
@@ -38,7 +38,7 @@ def test_pollers_downloads_and_staging_at_once(
     assert "unhandled error" not in log, log[-3000:]
     assert not any(code >= 500 for code in report.codes), report.codes
     # The storm really happened: every poller polled, every downloader downloaded.
-    assert report.heads >= 2 * CONFIG.pollers, report.summary()
+    assert report.heads >= MIN_POLLS * CONFIG.pollers, report.summary()
     assert report.downloads >= CONFIG.downloaders, report.summary()
     # A bound, not a target: past the 30 s pool timeout a HEAD would have been a 500.
     assert report.worst_head < 30.0, report.summary()
