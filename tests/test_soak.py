@@ -25,15 +25,18 @@ def test_soak_under_random_faults(service: Service, archive: ArchiveServer) -> N
     assert_volume_clean(service.volume)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug for the staging.py owner: the checksum-mismatch error names no file, so the "
-    "cart message cannot (HASH_MISMATCH should carry job.archive_id, as the other errors do)",
-)
-def test_checksum_error_message_names_the_file(service: Service, archive: ArchiveServer) -> None:
+def test_checksum_error_names_the_file_in_the_status(
+    service: Service, archive: ArchiveServer
+) -> None:
+    """The cart message keeps pacifica-cartd's exact text (clients match on it); the
+    JSON status is where the failing file is named, with its cause."""
     archive.add_file("lying-file", b"what the archive holds")
     fileids = [entry("lying-file", "f.txt", b"what the client expects")]
     assert service.post("c", fileids).status_code == 201
     code, status, message = service.wait_settled("c")
     assert (code, status) == (500, "error")
-    assert "lying-file" in message
+    assert message == "Failed to pull file(File hash does not match provided hash)"
+    failed = [f for f in service.status("c")["files"] if f["state"] == "error"]
+    assert [(f["id"], f["error"]) for f in failed] == [
+        ("lying-file", "File hash does not match provided hash")
+    ]
