@@ -228,7 +228,6 @@ async def claim_files(session: AsyncSession, limit: int) -> list[FileJob]:
                 .where(Cart.state.in_(LIVE_CART_STATES))
                 .order_by(Cart.id)
                 .limit(CLAIM_CARTS)
-                .with_for_update()
             )
         )
         .scalars()
