@@ -8,143 +8,41 @@ service over a volume whose staged files were damaged while it was down.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import signal
-import subprocess
 import sys
-import tarfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from archive_server import ArchiveServer
-from conftest import Service, entry, free_port, part_files, size_or_zero, volume_files, wait_for
+from cartd_proc import Cartd, cartd_env, tar_digests
+from conftest import Service, entry, part_files, size_or_zero, volume_files, wait_for
 
 MiB = 1024 * 1024
 CARTD = Path(sys.executable).parent / "cartd"
 
 
-class CartdProcess:
-    """`cartd serve` in a subprocess, with its output kept in a log file for diagnosis."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
-        self.log = log
-        with log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    str(CARTD),
-                    "serve",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--log-level",
-                    "warning",
-                ],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-    def wait_up(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc.poll() is None, f"cartd exited:\n{self.log_tail()}"
-            assert time.monotonic() < deadline, f"cartd did not start:\n{self.log_tail()}"
-            try:
-                if self.client.get("/").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown handler, no finally block, no cleanup runs."""
-        self.client.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def post(self, cart_id: str, fileids: list[dict[str, Any]]) -> httpx.Response:
-        return self.client.post(f"/{cart_id}", json={"fileids": fileids})
-
-    def status(self, cart_id: str) -> dict[str, Any]:
-        response = self.client.get(f"/{cart_id}/status")
-        response.raise_for_status()
-        body: dict[str, Any] = response.json()
-        return body
-
-    def wait_settled(self, cart_id: str, timeout: float = 30.0) -> tuple[int, str, str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            response = self.client.head(f"/{cart_id}")
-            state = (
-                response.status_code,
-                response.headers["X-Pacifica-Status"],
-                response.headers["X-Pacifica-Message"],
-            )
-            if state[1] != "staging" or time.monotonic() > deadline:
-                return state
-            time.sleep(0.05)
-
-
 @pytest.fixture
 def start_cartd(db_url: str, archive: ArchiveServer, tmp_path: Path) -> Iterator[Any]:
     """Factory for cartd processes sharing one database and volume; all killed at teardown."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CARTD_")}
-    env.update(
-        {
-            "CARTD_DATABASE_URL": db_url,
-            "VOLUME_PATH": str(tmp_path / "volume"),
-            "ARCHIVE_INTERFACE_URL": archive.url,
-            "CARTD_RETRY_INITIAL": "0.02",
-            "CARTD_RETRY_MAX": "0.2",
-            "CARTD_STATUS_POLL_INITIAL": "0.02",
-            "CARTD_STATUS_POLL_MAX": "0.2",
-            "CARTD_ARCHIVE_UNREACHABLE_TIMEOUT": "10",
-            "CARTD_FETCH_CONCURRENCY": "2",
-            "CARTD_DATABASE_CONNECT_ATTEMPTS": "3",
-            "CARTD_DATABASE_CONNECT_WAIT": "0.5",
-        }
-    )
-    started: list[CartdProcess] = []
+    env = cartd_env(db_url, tmp_path / "volume", archive.url, fetch_concurrency="2")
+    started: list[Cartd] = []
 
-    def start() -> CartdProcess:
-        process = CartdProcess(env, tmp_path / "cartd.log")
+    def start() -> Cartd:
+        process = Cartd(env, tmp_path / "cartd.log")
         started.append(process)
-        process.wait_up()
-        return process
+        return process.wait_up()
 
     yield start
     for process in started:
         process.kill()
 
 
-def tar_digests(content: bytes) -> dict[str, str]:
-    """sha256 of every regular member, by path below the bundle's top directory."""
-    digests: dict[str, str] = {}
-    with tarfile.open(fileobj=io.BytesIO(content)) as tar:
-        for member in tar.getmembers():
-            if member.isfile():
-                extracted = tar.extractfile(member)
-                assert extracted is not None
-                digest = hashlib.sha256(extracted.read()).hexdigest()
-                digests[member.name.split("/", 1)[1]] = digest
-    return digests
-
-
 def test_sigkill_mid_download_resumes_to_a_correct_cart_and_sweeps_the_volume(
-    start_cartd: Callable[[], CartdProcess], archive: ArchiveServer, tmp_path: Path
+    start_cartd: Callable[[], Cartd], archive: ArchiveServer, tmp_path: Path
 ) -> None:
     volume = tmp_path / "volume"
     first = start_cartd()
