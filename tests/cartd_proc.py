@@ -17,11 +17,10 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 
-from conftest import free_port
+from conftest import CartClient, free_port
 
 CARTD = Path(sys.executable).parent / "cartd"
 
@@ -54,7 +53,7 @@ def cartd_env(db_url: str, volume: Path, archive_url: str, **overrides: str) -> 
     return env
 
 
-class Cartd:
+class Cartd(CartClient):
     """One `cartd serve` process; its output goes to a log file kept for diagnosis."""
 
     def __init__(self, env: dict[str, str], log: Path, log_level: str = "warning") -> None:
@@ -90,31 +89,6 @@ class Cartd:
 
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
-
-    def post(self, cart_id: str, fileids: list[dict[str, Any]]) -> httpx.Response:
-        return self.client.post(f"/{cart_id}", json={"fileids": fileids})
-
-    def state(self, cart_id: str) -> tuple[int, str, str]:
-        response = self.client.head(f"/{cart_id}")
-        return (
-            response.status_code,
-            response.headers["X-Pacifica-Status"],
-            response.headers["X-Pacifica-Message"],
-        )
-
-    def status(self, cart_id: str) -> dict[str, Any]:
-        response = self.client.get(f"/{cart_id}/status")
-        response.raise_for_status()
-        body: dict[str, Any] = response.json()
-        return body
-
-    def wait_settled(self, cart_id: str, timeout: float = 60.0) -> tuple[int, str, str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            state = self.state(cart_id)
-            if state[1] != "staging" or time.monotonic() > deadline:
-                return state
-            time.sleep(0.05)
 
 
 def run_fsck(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -143,18 +143,10 @@ class ServiceThread:
         self.socket.close()
 
 
-@dataclass
-class Service:
-    """A running cartd plus a client, with the helpers most tests need."""
+class CartClient:
+    """The cart API as tests speak it, over `self.client`, for in-thread and process services."""
 
-    thread: ServiceThread
     client: httpx.Client
-    volume: Path
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        return self.thread.url
 
     def post(self, cart_id: str, fileids: list[dict[str, Any]]) -> httpx.Response:
         return self.client.post(f"/{cart_id}", json={"fileids": fileids})
@@ -167,7 +159,7 @@ class Service:
             response.headers["X-Pacifica-Message"],
         )
 
-    def wait_settled(self, cart_id: str, timeout: float = 30) -> tuple[int, str, str]:
+    def wait_settled(self, cart_id: str, timeout: float = 60) -> tuple[int, str, str]:
         """Poll HEAD like pacifica-downloader does, until the cart leaves `staging`."""
         deadline = time.monotonic() + timeout
         while True:
@@ -181,6 +173,20 @@ class Service:
         response.raise_for_status()
         body: dict[str, Any] = response.json()
         return body
+
+
+@dataclass
+class Service(CartClient):
+    """A running cartd plus a client, with the helpers most tests need."""
+
+    thread: ServiceThread
+    client: httpx.Client
+    volume: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.thread.url
 
 
 @contextlib.contextmanager
