@@ -12,12 +12,13 @@ Any broken promise stops the run with an AssertionError that names it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from report import emit
 
 from archive_server import ArchiveServer
 from conftest import database
@@ -37,7 +38,7 @@ def main() -> None:
         root = Path(tmp)
         with database(args.database, root) as url, ArchiveServer(root / "archive") as archive:
             report = CrashLoop(root, url, archive, seed).run(args.kills)
-    line = json.dumps(
+    emit(
         {
             "seed": seed,
             "database": args.database,
@@ -47,11 +48,9 @@ def main() -> None:
             "deleted": report.deleted,
             "debris_after_kills": dict(report.debris_after_kills),
             "seconds": round(report.seconds, 1),
-        }
+        },
+        args.out,
     )
-    print(line)
-    if args.out:
-        args.out.write_text(line + "\n")
 
 
 if __name__ == "__main__":

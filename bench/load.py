@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from report import emit
 
 from archive_server import ArchiveServer
 from cartd_proc import Cartd, cartd_env
@@ -63,10 +64,7 @@ def main() -> None:
     assert "database is locked" not in log
     assert "unhandled error" not in log, log[-3000:]
     assert not any(code >= 500 for code in report.codes), report.codes
-    line = json.dumps({"database": args.database, **vars(config), **report.summary()})
-    print(line)
-    if args.out:
-        args.out.write_text(line + "\n")
+    emit({"database": args.database, **vars(config), **report.summary()}, args.out)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,14 @@ saying the archive was unreachable.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from report import emit
 
 from conftest import standalone_service
 from outage import MODES, Clocks, give_up, survive
@@ -51,18 +52,16 @@ def main() -> None:
             gave_up_after = time.monotonic() - started
     messages = sorted({message for _code, _status, message in failed.values()})
     assert all("archive unreachable" in m for m in messages), messages
-    line = json.dumps(
+    emit(
         {
             **vars(report),
             "database": args.database,
             "limit": args.limit,
             "gave_up_after": round(gave_up_after, 1),
             "failure_message": messages[0],
-        }
+        },
+        args.out,
     )
-    print(line)
-    if args.out:
-        args.out.write_text(line + "\n")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ AssertionError that names the cart.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from report import emit
 
 from conftest import standalone_service
 from crashloop import new_seed
@@ -44,7 +45,7 @@ def main() -> None:
     ):
         report = Soak(service.client, archive, config).run()
         assert_volume_clean(service.volume)
-    line = json.dumps(
+    emit(
         {
             "seed": seed,
             "database": args.database,
@@ -57,11 +58,9 @@ def main() -> None:
             "faults_injected": report.faults_injected,
             "faults": dict(report.faults),
             "seconds": round(report.seconds, 1),
-        }
+        },
+        args.out,
     )
-    print(line)
-    if args.out:
-        args.out.write_text(line + "\n")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import os
 import socket
 import subprocess
@@ -27,6 +26,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import httpx
+from report import emit
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -179,10 +179,7 @@ def main() -> None:
     parser.add_argument("--database", choices=["sqlite", "mariadb"], default="sqlite")
     parser.add_argument("--out", type=Path)
     result = run(parser.parse_args())
-    print(json.dumps(result))
-    if (out := parser.parse_args().out) is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, parser.parse_args().out)
 
 
 if __name__ == "__main__":
