@@ -417,10 +417,7 @@ def test_longest_cart_id_with_every_allowed_character_is_accepted(
 
 def test_cart_ids_are_case_sensitive(service: Service, archive: ArchiveServer) -> None:
     make_ready(service, archive, "casecart", {"lower.txt": b"lower"})
-    archive.add_file("upper", b"upper")
-    response = service.post("CASECART", [entry("upper", "upper.txt", b"upper")])
-    assert response.status_code == 201, response.text
-    assert service.wait_settled("CASECART") == (204, "ready", "")
+    make_ready(service, archive, "CASECART", {"upper.txt": b"upper"})
     body = service.client.get("/CASECART", params={"filename": "u.tar"}).content
     assert set(members(body)) == {"u", "u/upper.txt"}
 
@@ -477,10 +474,7 @@ def test_repost_with_different_list_is_409(service: Service, archive: ArchiveSer
 def test_deleted_id_can_be_reused_with_a_new_list(service: Service, archive: ArchiveServer) -> None:
     make_ready(service, archive, "reuse", {"old.txt": b"old content"})
     assert service.client.delete("/reuse").status_code == 200
-    archive.add_file("new", b"new content")
-    response = service.post("reuse", [entry("new", "new.txt", b"new content")])
-    assert response.status_code == 201, response.text
-    assert service.wait_settled("reuse") == (204, "ready", "")
+    make_ready(service, archive, "reuse", {"new.txt": b"new content"})
     body = service.client.get("/reuse", params={"filename": "r.tar"}).content
     assert set(members(body)) == {"r", "r/new.txt"}
     assert read_member(body, "r/new.txt") == b"new content"
