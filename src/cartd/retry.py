@@ -48,10 +48,11 @@ async def retry_transient(
         try:
             return await operation()
         except TransientArchiveError as exc:
-            delay = next_delay()
             elapsed = time.monotonic() - started
-            if elapsed + delay > give_up_after:
+            if elapsed >= give_up_after:
                 raise ArchiveFileError(
                     f"{exc} (gave up after {attempts} attempts over {elapsed:.0f}s)"
                 ) from exc
-            await asyncio.sleep(delay)
+            # The last wait is cut to the deadline and followed by one more try, so the
+            # archive gets the whole configured time, not up to one backoff less.
+            await asyncio.sleep(min(next_delay(), give_up_after - elapsed))
