@@ -307,6 +307,7 @@ async def test_grown_source_never_exceeds_the_planned_length(tmp_path: Path) -> 
         "semi;colon.tar",
         "100%.tar",
         "...x.tar",
+        "n" * 255 + ".tar",
     ],
 )
 def test_check_name_accepts(name: str) -> None:
@@ -332,6 +333,8 @@ def test_check_name_accepts(name: str) -> None:
         "..",
         "..tar",
         "...tar",
+        "n" * 256 + ".tar",
+        "\u00e9" * 128,
     ],
 )
 def test_check_name_refuses(name: str) -> None:

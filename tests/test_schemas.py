@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from cartd.carts import InvalidCart, fingerprint, parse_cart
 from cartd.schemas import (
+    MAX_NAME_BYTES,
     MAX_PATH_BYTES,
     CartRequest,
     FileEntry,
@@ -50,7 +51,8 @@ def refusal(document: Any, max_files: int = 100) -> str:
         ("...", "..."),
         (".hidden", ".hidden"),
         ("sp ace/\u00e9t\u00e9/\u6570\u636e.csv", "sp ace/\u00e9t\u00e9/\u6570\u636e.csv"),
-        ("a" * MAX_PATH_BYTES, "a" * MAX_PATH_BYTES),
+        ("/".join(["a" * 240] * 17), "/".join(["a" * 240] * 17)),  # exactly MAX_PATH_BYTES
+        ("a" * MAX_NAME_BYTES, "a" * MAX_NAME_BYTES),
     ],
 )
 def test_normalise_path_accepts_and_strips_one_slash(raw: str, expected: str) -> None:
@@ -84,6 +86,8 @@ def test_normalise_path_accepts_and_strips_one_slash(raw: str, expected: str) ->
         "a\\b",
         "..\\a",
         "a" * (MAX_PATH_BYTES + 1),
+        "a" * (MAX_NAME_BYTES + 1),
+        "ok/" + "\u00e9" * 128,
         "\u00e9" * (MAX_PATH_BYTES // 2 + 1),
     ],
 )

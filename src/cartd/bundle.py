@@ -27,6 +27,7 @@ import aiofiles
 
 BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE
+MAX_NAME_BYTES = 255  # one file name, on every common file system
 _BAD_NAME = re.compile(r"[/\\\x00-\x1f\x7f-\x9f]")
 
 
@@ -158,8 +159,11 @@ def check_name(name: str, fmt: Format = Format.TAR) -> str:
     """A download name becomes the top directory, so it must be one plain path segment."""
     if _BAD_NAME.search(name):
         raise InvalidBundleName("filename must not contain '/', '\\' or control characters")
-    if top_directory(name, fmt) in ("", ".", ".."):
+    top = top_directory(name, fmt)
+    if top in ("", ".", ".."):
         raise InvalidBundleName(f"filename {name!r} does not give a usable top directory")
+    if len(top.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        raise InvalidBundleName(f"filename gives a top directory over {MAX_NAME_BYTES} bytes")
     return name
 
 

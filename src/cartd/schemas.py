@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from cartd import generated
+from cartd.bundle import MAX_NAME_BYTES
 
 CART_ID_PATTERN = r"^[A-Za-z0-9._~-]{1,128}$"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -73,6 +74,11 @@ def normalise_path(raw: str) -> str:
             problem = "an empty" if not segment else f"a {segment!r}"
             raise ValueError(
                 f"path {raw!r} has {problem} segment; it must be relative and normalised"
+            )
+        if len(segment.encode()) > MAX_NAME_BYTES:
+            raise ValueError(
+                f"path {raw[:64]!r}... has a segment longer than {MAX_NAME_BYTES} bytes, "
+                "which no file system can extract"
             )
     return path
 
