@@ -434,3 +434,23 @@ def test_waiting_for_an_archive_slot_is_not_a_fault(
     cart = [entry(file_id, f"{file_id}.bin", data) for file_id, data in files.items()]
     assert service.post("queued", cart).status_code == 201
     assert service.wait_settled("queued", timeout=60) == (204, "ready", "")
+
+
+def test_a_failed_file_cancels_its_siblings_in_flight(
+    make_service: Callable[..., Service], archive: ArchiveServer, get_gauge: InFlight
+) -> None:
+    """Once one file fails the cart, fetching the others is wasted work: they are cut off,
+    their partial files removed, and they are shown waiting rather than staging."""
+    service = make_service(fetch_concurrency=2)
+    slow = os.urandom(8 * MiB)
+    archive.add_file("slow", slow)
+    archive.add_file("bad", b"what the archive holds")
+    archive.get_chunk_delay = 0.5  # the 8 MiB GET would take about 4 s
+    cart = [entry("slow", "slow.bin", slow), entry("bad", "bad.txt", b"something else")]
+    assert service.post("doomed", cart).status_code == 201
+    assert service.wait_settled("doomed")[:2] == (500, "error")
+    assert archive.count("GET", "slow") == 1  # the sibling's fetch had really started
+    wait_for(lambda: get_gauge.now == 0, "the slow GET to be cut off", timeout=2.0)
+    assert part_files(service.volume) == []
+    states = {f["id"]: f["state"] for f in service.status("doomed")["files"]}
+    assert states == {"slow": "waiting", "bad": "error"}

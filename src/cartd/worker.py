@@ -164,7 +164,12 @@ class Worker:
             await self._cancel_siblings(job)
 
     async def _cancel_siblings(self, job: FileJob) -> None:
-        """A failed cart's other fetches are wasted work; stop them (not ourselves)."""
+        """A failed cart's other fetches are wasted work; stop them (not ourselves).
+
+        Like a DELETE, it also drops jobs of the cart that a claim already in flight
+        (one that read them as waiting before the failure committed) would start.
+        """
+        self._cancelled.append(job.cart_id)
         current = asyncio.current_task()
         siblings = [
             t for t, j in self._tasks.items() if j.cart_id == job.cart_id and t is not current

@@ -254,7 +254,7 @@ async def claim_files(session: AsyncSession, limit: int) -> list[FileJob]:
     now = time.time()
     await session.execute(
         _update(CartFile)
-        .where(CartFile.id.in_([r[0] for r in rows]))
+        .where(CartFile.id.in_([r[0] for r in rows]), CartFile.state == FileState.WAITING)
         .values(state=FileState.STAGING, attempts=CartFile.attempts + 1, updated_at=now)
     )
     await session.execute(
