@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from cartd import __version__
-from cartd.api import carts, errors
+from cartd.api import carts, errors, events
 from cartd.runtime import running
 from cartd.schemas import CartRequest
 from cartd.settings import Settings
@@ -37,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     app.include_router(carts.router)
+    app.include_router(events.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

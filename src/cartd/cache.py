@@ -90,6 +90,14 @@ class Cache:
         """The fetch finished, failed or was cancelled: its unwritten promise is void."""
         self._held.pop(key, None)
 
+    def in_flight(self) -> dict[int, int]:
+        """Bytes written so far by each fetch in flight, by key (file row id).
+
+        Every fetch holds a reservation while it writes, so this is the one place that
+        sees partial progress; the progress loop copies it into the database.
+        """
+        return {key: reservation.written for key, reservation in self._held.items()}
+
     def forget_cart(self, cart_id: int) -> None:
         self._cart_bytes.pop(cart_id, None)
 

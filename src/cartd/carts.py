@@ -10,6 +10,8 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +19,9 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
+from cartd import progress
 from cartd.db import store
-from cartd.db.models import Cart, CartFile, CartState
+from cartd.db.models import Cart, CartFile, CartState, FileState
 from cartd.db.session import SessionFactory
 from cartd.schemas import CartRequest, CartStatus, FileStatus
 from cartd.volume import Volume
@@ -142,13 +145,20 @@ async def find_cart(sessions: SessionFactory, uid: str, *, touch: bool = False) 
     return cart
 
 
-async def cart_status(sessions: SessionFactory, uid: str) -> CartStatus:
+async def cart_status(sessions: SessionFactory, uid: str, *, files: bool = True) -> CartStatus:
+    """The progress report; `files=False` skips the per-file rows (a 100,000-file cart)."""
     async with sessions.begin() as session:
         cart = await store.active_cart(session, uid)
         if cart is None:
             raise CartNotFound(f"No cart with uid {uid} found")
-        totals = await store.cart_totals(session, cart.id)
-        files = await store.cart_files(session, cart.id)
+        if files:
+            rows: Sequence[CartFile] | None = await store.cart_files(session, cart.id)
+            totals = _totals_of(rows or ())
+        else:
+            rows, totals = None, await store.cart_totals(session, cart.id)
+    # While a cart is staging nothing else writes its row, so updated_at is the moment
+    # its first file was claimed: the start of the ETA's throughput window.
+    eta = progress.eta_seconds(cart.state, cart.updated_at, totals, time.time())
     return CartStatus(
         cart_id=uid,
         state=cart.state,
@@ -163,8 +173,38 @@ async def cart_status(sessions: SessionFactory, uid: str) -> CartStatus:
         files_error=totals.errored,
         bytes_total=totals.bytes_total,
         bytes_staged=totals.bytes_staged,
-        files=[_file_status(f) for f in files],
+        files_waiting=totals.waiting,
+        files_staging=totals.staging,
+        eta_seconds=eta,
+        files=None if rows is None else [_file_status(f) for f in rows],
     )
+
+
+def _totals_of(rows: Sequence[CartFile]) -> store.CartTotals:
+    """store.cart_totals over rows already read.
+
+    Under READ COMMITTED a second query may see progress written after the rows were
+    read; summing the same rows keeps a status's totals equal to its per-file list.
+    """
+    states = Counter(row.state for row in rows)
+    return store.CartTotals(
+        files=len(rows),
+        staged=states[FileState.STAGED],
+        errored=states[FileState.ERROR],
+        bytes_total=sum(row.size or 0 for row in rows),
+        bytes_staged=sum(row.bytes_staged for row in rows),
+        waiting=states[FileState.WAITING],
+        staging=states[FileState.STAGING],
+        sized=sum(row.size is not None for row in rows),
+    )
+
+
+async def retry_after(sessions: SessionFactory, cart: Cart) -> int:
+    """Seconds a HEAD poller should wait before asking about a staging cart again."""
+    async with sessions.begin() as session:
+        totals = await store.cart_totals(session, cart.id)
+    eta = progress.eta_seconds(cart.state, cart.updated_at, totals, time.time())
+    return progress.retry_after(eta)
 
 
 def _file_status(row: CartFile) -> FileStatus:

@@ -22,6 +22,7 @@ from cartd.db.session import (
     create_session_factory,
     wait_for_database,
 )
+from cartd.progress import ProgressRecorder
 from cartd.recovery import recover
 from cartd.settings import Settings
 from cartd.staging import Stager
@@ -44,8 +45,8 @@ class Runtime:
 
 @asynccontextmanager
 async def running(settings: Settings) -> AsyncIterator[Runtime]:
-    """Connect, migrate, reconcile the volume, start the worker and the cache policy;
-    undo it all on exit."""
+    """Connect, migrate, reconcile the volume, start the worker, the cache policy and the
+    progress recorder; undo it all on exit."""
     engine = create_engine(settings)
     archive = open_archive(settings)
     try:
@@ -60,12 +61,17 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
         worker = Worker(sessions, stager, settings.fetch_concurrency)
         cache.cancel_fetches = worker.cancel_cart
         worker.start()
-        maintenance = asyncio.create_task(cache.run(), name="cartd-cache")
+        progress = ProgressRecorder(worker.commits, cache, settings.progress_interval)
+        loops = [
+            asyncio.create_task(cache.run(), name="cartd-cache"),
+            asyncio.create_task(progress.run(), name="cartd-progress"),
+        ]
         try:
             yield Runtime(settings, engine, sessions, archive, volume, cache, worker)
         finally:
-            maintenance.cancel()
-            await asyncio.gather(maintenance, return_exceptions=True)
+            for loop in loops:
+                loop.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
             await worker.stop()
     finally:
         await archive.aclose()

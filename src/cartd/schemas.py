@@ -240,4 +240,17 @@ class CartStatus(BaseModel):
     files_error: int
     bytes_total: int
     bytes_staged: int
-    files: list[FileStatus]
+    files_waiting: int = Field(description="Files not started yet.")
+    files_staging: int = Field(description="Files being staged now (tape recall or download).")
+    eta_seconds: float | None = Field(
+        description="Estimated seconds until the cart is ready: 0 when ready, null when "
+        "unknown (waiting, error, or no bytes received yet).  Average throughput since "
+        "staging began; files of unknown size count as the average known size."
+    )
+    files: list[FileStatus] | None = Field(
+        None, description="Per-file detail; left out of the response with ?files=0."
+    )
+
+    def document(self) -> dict[str, Any]:
+        """The JSON body: `files` is absent (not null) when it was not asked for."""
+        return self.model_dump(mode="json", exclude={"files"} if self.files is None else None)

@@ -107,6 +107,13 @@ class Settings(BaseSettings):
     cart_ttl_max: float = Field(30 * 86400.0, ge=0, validation_alias=_aliases("CART_TTL_MAX"))
     # SIGTERM: staging stops at once; downloads in flight get this many seconds to finish.
     shutdown_grace: int = Field(30, ge=0, validation_alias=_aliases("SHUTDOWN_GRACE"))
+    # Live progress: how often in-flight byte counts reach the database, how often an SSE
+    # stream re-reads the status, and how long a quiet stream waits before a heartbeat.
+    progress_interval: float = Field(2.0, gt=0, validation_alias=_aliases("PROGRESS_INTERVAL"))
+    events_poll_interval: float = Field(
+        0.5, gt=0, validation_alias=_aliases("EVENTS_POLL_INTERVAL")
+    )
+    events_heartbeat: float = Field(15.0, gt=0, validation_alias=_aliases("EVENTS_HEARTBEAT"))
 
     @field_validator("cache_low_watermark", "cache_high_watermark")
     @classmethod

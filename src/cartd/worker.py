@@ -62,6 +62,12 @@ class Worker:
         await self._commits.drain()
 
     @property
+    def commits(self) -> GroupCommit:
+        """The outcome writes' shared transactions; progress writes join them, so the two
+        never take the same file rows in opposite orders (a MariaDB deadlock)."""
+        return self._commits
+
+    @property
     def alive(self) -> bool:
         return self._loop_task is not None and not self._loop_task.done()
 

@@ -57,6 +57,9 @@ def _cart_id(
 
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 CartId = Annotated[str, Depends(_cart_id)]
+FilesParam = Annotated[
+    bool, Query(description="Include the per-file list (files=0 leaves it out, for big carts).")
+]
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -142,7 +145,17 @@ _STATUS_HEADERS = {
     status_code=204,
     summary="Cart status in X-Pacifica-Status / X-Pacifica-Message",
     responses={
-        204: {"description": "The cart exists and is not in error", "headers": _STATUS_HEADERS},
+        204: {
+            "description": "The cart exists and is not in error",
+            "headers": {
+                **_STATUS_HEADERS,
+                "Retry-After": {
+                    "description": "While staging: seconds to wait before polling again "
+                    "(the ETA within 1-30, or 5 when unknown)",
+                    "schema": {"type": "integer"},
+                },
+            },
+        },
         400: {"description": "Invalid cart id", "headers": _STATUS_HEADERS},
         404: {"description": "No such cart", "headers": _STATUS_HEADERS},
         500: {"description": "The cart is in error", "headers": _STATUS_HEADERS},
@@ -154,20 +167,28 @@ async def head_cart(cart_id: CartId, runtime: RuntimeDep) -> Response:
     except carts.CartNotFound as exc:
         return Response(status_code=404, headers=_status_headers("error", str(exc)))
     code = 500 if cart.state == CartState.ERROR else 204
-    return Response(status_code=code, headers=_status_headers(cart.state, cart.message))
+    headers = _status_headers(cart.state, cart.message)
+    if headers["X-Pacifica-Status"] == "staging":
+        headers["Retry-After"] = str(await carts.retry_after(runtime.sessions, cart))
+    return Response(status_code=code, headers=headers)
 
 
 @router.get(
     "/{cart_id}/status",
     response_model=CartStatus,
     responses=_errors(400, 404),
-    summary="Progress: cart state, counts, bytes and per-file detail",
+    summary="Progress: cart state, counts, bytes, ETA and per-file detail",
 )
-async def cart_status(cart_id: CartId, runtime: RuntimeDep) -> CartStatus | Response:
+async def cart_status(
+    cart_id: CartId, runtime: RuntimeDep, files: FilesParam = True
+) -> CartStatus | Response:
     try:
-        return await retry_deadlocks(lambda: carts.cart_status(runtime.sessions, cart_id))
+        status = await retry_deadlocks(
+            lambda: carts.cart_status(runtime.sessions, cart_id, files=files)
+        )
     except carts.CartNotFound as exc:
         return error_response(404, str(exc))
+    return JSONResponse(status.document())
 
 
 _DOWNLOAD_HEADERS = {

@@ -8,11 +8,11 @@ row instead of overwriting newer state.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, case, exists, func, insert, select, update
+from sqlalchemy import and_, bindparam, case, exists, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cartd.db.models import Cart, CartFile, CartState, FileState
@@ -39,8 +39,11 @@ class CartTotals:
     files: int
     staged: int
     errored: int
-    bytes_total: int
+    bytes_total: int  # of the sizes known so far
     bytes_staged: int
+    waiting: int = 0
+    staging: int = 0
+    sized: int = 0  # files whose size is known (the archive reported it, or staged)
 
 
 def _update(model: type[Cart] | type[CartFile]) -> Any:
@@ -205,6 +208,9 @@ async def cart_totals(session: AsyncSession, cart_id: int) -> CartTotals:
                 count_in(FileState.ERROR),
                 func.sum(func.coalesce(CartFile.size, 0)),
                 func.sum(CartFile.bytes_staged),
+                count_in(FileState.WAITING),
+                count_in(FileState.STAGING),
+                func.count(CartFile.size),
             ).where(CartFile.cart_id == cart_id)
         )
     ).one()
@@ -271,6 +277,28 @@ async def record_size(session: AsyncSession, file_id: int, size: int, mtime: flo
         .where(CartFile.id == file_id)
         .values(size=size, mtime=mtime, updated_at=time.time())
     )
+
+
+# Core, not ORM: an ORM UPDATE given a list of parameters becomes "bulk by primary key",
+# which cannot keep the state condition below.
+_FILES = CartFile.metadata.tables[CartFile.__tablename__]
+_PROGRESS = (
+    update(_FILES)
+    .where(_FILES.c.id == bindparam("file_id"), _FILES.c.state == FileState.STAGING)
+    .values(bytes_staged=bindparam("written"))
+)
+
+
+async def record_progress(session: AsyncSession, written: Mapping[int, int]) -> None:
+    """Bytes written so far by fetches in flight, as one executemany.
+
+    Only `staging` rows match: a count read just before a file was recorded staged
+    (bytes_staged = size) or failed must not overwrite that outcome.  `updated_at` stays
+    put: it dates state changes, and progress is not one.
+    """
+    if written:
+        rows = [{"file_id": key, "written": written[key]} for key in sorted(written)]
+        await session.execute(_PROGRESS, rows)
 
 
 async def _lock_cart(session: AsyncSession, cart_id: int) -> bool:
@@ -341,14 +369,14 @@ async def file_failed(session: AsyncSession, job: FileJob, error: str) -> bool:
     await session.execute(
         _update(CartFile)
         .where(CartFile.id == job.file_id)
-        .values(state=FileState.ERROR, error=error, updated_at=now)
+        .values(state=FileState.ERROR, error=error, bytes_staged=0, updated_at=now)
     )
     if partial:
         return await finish_partial(session, job.cart_id, now)
     await session.execute(
         _update(CartFile)
         .where(CartFile.cart_id == job.cart_id, CartFile.state == FileState.STAGING)
-        .values(state=FileState.WAITING, updated_at=now)
+        .values(state=FileState.WAITING, bytes_staged=0, updated_at=now)
     )
     result = await session.execute(
         _update(Cart)
@@ -414,7 +442,7 @@ async def requeue_orphans(session: AsyncSession, running: Sequence[int]) -> int:
     result = await session.execute(
         _update(CartFile)
         .where(CartFile.state == FileState.STAGING, CartFile.id.not_in(running))
-        .values(state=FileState.WAITING, updated_at=time.time())
+        .values(state=FileState.WAITING, bytes_staged=0, updated_at=time.time())
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
 
@@ -424,7 +452,7 @@ async def requeue_interrupted(session: AsyncSession) -> int:
     result = await session.execute(
         _update(CartFile)
         .where(CartFile.state == FileState.STAGING)
-        .values(state=FileState.WAITING, updated_at=time.time())
+        .values(state=FileState.WAITING, bytes_staged=0, updated_at=time.time())
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
 
