@@ -7,7 +7,7 @@ ARCHIVE_VENV := .venv-archive
 PIP := $(VENV)/bin/pip install --quiet --disable-pip-version-check
 LOCK := requirements/constraints.txt
 
-.PHONY: serve test check lock bench proofs clean
+.PHONY: serve test check lock bench proofs clean openapi
 
 serve: $(VENV)/.runtime
 	mkdir -p archive
@@ -37,6 +37,11 @@ $(ARCHIVE_VENV)/.installed: requirements/archiveinterface.txt
 	$(ARCHIVE_VENV)/bin/pip install --quiet --disable-pip-version-check \
 		-r requirements/archiveinterface.txt
 	touch $@
+
+# The committed OpenAPI document; tests/test_openapi.py fails when it drifts from the code.
+openapi: $(VENV)/.runtime
+	mkdir -p docs
+	$(VENV)/bin/cartd openapi --output docs/openapi.json
 
 # The reliability proofs at full size; `make test` runs a short version of each.
 proofs: $(VENV)/.test

@@ -1,4 +1,4 @@
-"""The operator's entry points: serve, db upgrade, carts list, purge."""
+"""The operator's entry points: serve, db upgrade, carts list, purge, fsck, openapi."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 from cartd import admin, fsck, server
+from cartd.api import openapi
 from cartd.app import create_app
 from cartd.db.migrate import upgrade
 from cartd.db.session import (
@@ -82,6 +84,15 @@ def _purge(args: argparse.Namespace, settings: Settings) -> None:
     print(f"{len(purged)} carts purged")
 
 
+def _openapi(args: argparse.Namespace, settings: Settings) -> None:
+    """No database or volume needed: the document follows from the code alone."""
+    text = openapi.render(create_app(settings).openapi())
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+
+
 def _db_upgrade(_args: argparse.Namespace, settings: Settings) -> None:
     asyncio.run(_upgrade(settings))
 
@@ -116,6 +127,11 @@ def _parser() -> argparse.ArgumentParser:
         "--checksums", action="store_true", help="also re-hash every staged file (slow)"
     )
     check.set_defaults(handler=_fsck)
+    spec = commands.add_parser(
+        "openapi", help="print the OpenAPI document (make openapi writes docs/openapi.json)"
+    )
+    spec.add_argument("--output", "-o", help="write it to this file instead of stdout")
+    spec.set_defaults(handler=_openapi)
     serve.set_defaults(handler=_serve)
     return parser
 

@@ -151,7 +151,11 @@ class CartRequest(BaseModel):
         },
     )
 
-    fileids: list[FileEntry] = Field(min_length=1)
+    fileids: list[FileEntry] = Field(
+        min_length=1,
+        description="The files, at most CARTD_MAX_FILES_PER_CART; no two share a path, and "
+        "no path is another's directory.",
+    )
     ttl: float | None = Field(
         None,
         gt=0,
@@ -208,38 +212,52 @@ class CartRequest(BaseModel):
 
 
 class Message(BaseModel):
-    message: str
+    message: str = Field(description="What happened, in pacifica-cartd's words.")
 
 
 class ErrorBody(BaseModel):
-    status: int
-    message: str
+    """Every error answer's body (PROTOCOL.md): never a traceback."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"status": 404, "message": "No cart with uid c1 found"}]}
+    )
+
+    status: int = Field(description="The HTTP status code again, for clients that log bodies.")
+    message: str = Field(description="What is wrong, naming the offending input.")
 
 
 class FileStatus(BaseModel):
-    id: str
-    path: str
-    state: str
-    size: int | None
-    bytes_staged: int
-    error: str
-    attempts: int
+    id: str = Field(description="The file's id in the archive (as a string).")
+    path: str = Field(description="The file's path inside the bundle (normalised).")
+    state: str = Field(description="waiting | staging | staged | error")
+    size: int | None = Field(description="Bytes, once the archive has said; else null.")
+    bytes_staged: int = Field(description="Bytes in the cache so far.")
+    error: str = Field(description="Why the file failed; empty otherwise.")
+    attempts: int = Field(description="Fetch attempts so far (retries included).")
 
 
 class CartStatus(BaseModel):
-    cart_id: str
-    state: str
-    message: str
-    created_at: float
-    updated_at: float
-    ready_at: float | None
-    last_used_at: float
-    expires_at: float | None
-    files_total: int
-    files_staged: int
-    files_error: int
-    bytes_total: int
-    bytes_staged: int
+    """All times are Unix epoch seconds."""
+
+    cart_id: str = Field(description="The id the cart was created with.")
+    state: str = Field(
+        description="waiting | staging | ready | error (X-Pacifica-Status folds the first "
+        "two into staging)"
+    )
+    message: str = Field(description="Empty, or the error text (also X-Pacifica-Message).")
+    created_at: float = Field(description="When the cart was POSTed.")
+    updated_at: float = Field(description="When the cart's state or message last changed.")
+    ready_at: float | None = Field(description="When the cart became ready; else null.")
+    last_used_at: float = Field(
+        description="Last creation, HEAD, download or becoming ready: the cache evicts the "
+        "least recently used ready carts first."
+    )
+    expires_at: float | None = Field(description="When the cart is deleted (ttl); else null.")
+    files_total: int = Field(description="Files in the cart.")
+    files_staged: int = Field(description="Files verified in the cache.")
+    files_error: int = Field(description="Files that failed for good.")
+    bytes_total: int = Field(description="Sum of the known file sizes.")
+    bytes_staged: int = Field(description="Bytes in the cache, files in flight included.")
     files_waiting: int = Field(description="Files not started yet.")
     files_staging: int = Field(description="Files being staged now (tape recall or download).")
     eta_seconds: float | None = Field(

@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from cartd import bundle, carts, downloads
-from cartd.api import formats, ranges
+from cartd.api import examples, formats, openapi, ranges
 from cartd.api.errors import error_response, header_text
+from cartd.api.openapi import INTERNAL, error, head_error, header
 from cartd.db.deadlock import retry_deadlocks
 from cartd.db.models import CartState
 from cartd.runtime import Runtime
@@ -22,7 +24,6 @@ from cartd.schemas import (
     CART_ID_PATTERN,
     CartRequest,
     CartStatus,
-    ErrorBody,
     Message,
     valid_cart_id,
 )
@@ -43,6 +44,10 @@ def _cart_id(
             description=f"Client-chosen id matching {CART_ID_PATTERN}, not '.' or '..'.",
             # Documented, not enforced here: _cart_id answers 400 with pacifica's headers.
             json_schema_extra={"pattern": CART_ID_PATTERN},
+            openapi_examples={
+                "uuid": {"value": "0b7e2c5e-3f4a-4d8e-9d51-6a1f5b2c9e01"},
+                "name": {"value": "my-cart"},
+            },
         ),
     ],
 ) -> str:
@@ -58,24 +63,38 @@ def _cart_id(
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 CartId = Annotated[str, Depends(_cart_id)]
 FilesParam = Annotated[
-    bool, Query(description="Include the per-file list (files=0 leaves it out, for big carts).")
+    bool,
+    Query(
+        description="Include the per-file list (files=0 leaves it out, for big carts).",
+        openapi_examples={"with_files": {"value": True}, "totals_only": {"value": False}},
+    ),
 ]
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorBody} for code in codes}
-
+BAD_CART_ID = error(400, "Invalid cart id", {"cart_id": examples.INVALID_CART_ID})
+NO_SUCH_CART = error(404, "No such cart, or it was deleted", {"not_found": examples.NOT_FOUND})
+GONE = error(404, "No such cart, or it was already deleted", {"not_found": examples.GONE})
 
 CART_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "description": "Parsed as JSON whatever the Content-Type (curl --upload-file sends none).",
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CartRequest"}}},
+        "content": {
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/CartRequest"},
+                "examples": examples.CART_BODIES,
+            }
+        },
     }
 }
 
 
-@router.get("/", response_model=Message, summary="Liveness message (pacifica-cartd compatible)")
+@router.get(
+    "/",
+    response_model=Message,
+    tags=["service"],
+    summary="Liveness message (pacifica-cartd compatible)",
+    description="Answers as long as the process serves HTTP; it checks nothing else.",
+    responses={200: openapi.message("Up", "Pacifica Cartd Interface Up and Running")},
+)
 async def root() -> Message:
     return Message(message="Pacifica Cartd Interface Up and Running")
 
@@ -97,8 +116,30 @@ async def _read_body(request: Request, limit: int) -> bytes:
     status_code=201,
     response_model=Message,
     openapi_extra=CART_BODY,
-    responses=_errors(400, 409, 413),
+    tags=["carts"],
     summary="Create a cart and start staging it",
+    description="Staging starts in the background; poll with HEAD, GET /{cart_id}/status or "
+    "GET /{cart_id}/events.  POSTing the same id again with the same files is a safe retry "
+    "(201, nothing is staged twice); with different files it is a 409.  A deleted cart's "
+    "id may be used again.",
+    responses={
+        201: {
+            **openapi.message("Created, or the same cart again", "Cart Processing has begun"),
+            "headers": {"Location": header("Where to download the cart: GET /{cart_id}")},
+        },
+        **error(
+            400,
+            "Invalid cart id, malformed JSON, or a cart that breaks the rules",
+            {"cart_id": examples.INVALID_CART_ID, **examples.INVALID_BODY},
+        ),
+        **error(
+            409,
+            "The id is taken by a cart with other files or options",
+            {"conflict": examples.CONFLICT},
+        ),
+        **error(413, "The body is over CARTD_MAX_REQUEST_BYTES", {"too_large": examples.TOO_LARGE}),
+        **INTERNAL,
+    },
 )
 async def create_cart(cart_id: CartId, request: Request, runtime: RuntimeDep) -> Response:
     body = await _read_body(request, runtime.settings.max_request_bytes)
@@ -128,37 +169,30 @@ def _status_headers(state: str, message: str) -> dict[str, str]:
     return {"X-Pacifica-Status": public, "X-Pacifica-Message": header_text(message)}
 
 
-_STATUS_HEADERS = {
-    "X-Pacifica-Status": {
-        "description": "staging | ready | error (every unfinished phase reads staging)",
-        "schema": {"type": "string", "enum": ["staging", "ready", "error"]},
-    },
-    "X-Pacifica-Message": {
-        "description": "Empty, or the error text",
-        "schema": {"type": "string"},
-    },
-}
-
-
 @router.head(
     "/{cart_id}",
     status_code=204,
+    tags=["carts"],
     summary="Cart status in X-Pacifica-Status / X-Pacifica-Message",
+    description="The poll pacifica-downloader uses: both headers on every status code, no "
+    "body.  Every unfinished phase reads `staging`; finer phases are in GET "
+    "/{cart_id}/status.",
     responses={
         204: {
             "description": "The cart exists and is not in error",
             "headers": {
-                **_STATUS_HEADERS,
-                "Retry-After": {
-                    "description": "While staging: seconds to wait before polling again "
+                **openapi.PACIFICA_HEADERS,
+                "Retry-After": header(
+                    "While staging: seconds to wait before polling again "
                     "(the ETA within 1-30, or 5 when unknown)",
-                    "schema": {"type": "integer"},
-                },
+                    required=False,
+                    kind="integer",
+                ),
             },
         },
-        400: {"description": "Invalid cart id", "headers": _STATUS_HEADERS},
-        404: {"description": "No such cart", "headers": _STATUS_HEADERS},
-        500: {"description": "The cart is in error", "headers": _STATUS_HEADERS},
+        **head_error(400, "Invalid cart id (X-Pacifica-Status: error)"),
+        **head_error(404, "No such cart (X-Pacifica-Message: No cart with uid ID found)"),
+        **head_error(500, "The cart is in error, or an unexpected failure"),
     },
 )
 async def head_cart(cart_id: CartId, runtime: RuntimeDep) -> Response:
@@ -176,8 +210,16 @@ async def head_cart(cart_id: CartId, runtime: RuntimeDep) -> Response:
 @router.get(
     "/{cart_id}/status",
     response_model=CartStatus,
-    responses=_errors(400, 404),
+    tags=["progress"],
     summary="Progress: cart state, counts, bytes, ETA and per-file detail",
+    description="Beyond 0.7.0, for progress bars and humans.  `?files=0` leaves out the "
+    "per-file list, which for a 100,000-file cart is most of the answer.",
+    responses={
+        200: {"content": {"application/json": {"example": examples.STATUS}}},
+        **error(400, "Invalid cart id or files value", {"cart_id": examples.INVALID_CART_ID}),
+        **NO_SUCH_CART,
+        **INTERNAL,
+    },
 )
 async def cart_status(
     cart_id: CartId, runtime: RuntimeDep, files: FilesParam = True
@@ -191,18 +233,26 @@ async def cart_status(
     return JSONResponse(status.document())
 
 
-_DOWNLOAD_HEADERS = {
-    "ETag": {"description": "Strong validator of these bytes", "schema": {"type": "string"}},
-    "Accept-Ranges": {"description": "Always bytes", "schema": {"type": "string"}},
-    "Vary": {"description": "Accept, when no format was given", "schema": {"type": "string"}},
+_ETAG = header('Strong validator of these bytes, e.g. "5d41402abc4b2a76b9719d911017c592"')
+_VARY = header("Accept, when no format was given", required=False)
+_BUNDLE_HEADERS = {
+    "ETag": _ETAG,
+    "Accept-Ranges": header("Always bytes"),
+    "Content-Disposition": header(
+        'attachment; filename="NAME", plus an RFC 6266 filename* for a non-ASCII NAME'
+    ),
+    "Content-Length": header("Exact size of the body, known before the first byte", kind="integer"),
+    "Vary": _VARY,
 }
-_BUNDLE_TYPES: dict[str, Any] = {bundle.Format.TAR.media_type: {}, bundle.Format.ZIP.media_type: {}}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_BUNDLE_TYPES: dict[str, Any] = {fmt.media_type: _BINARY for fmt in bundle.Format}
 FormatParam = Annotated[
     bundle.Format | None,
     Query(
         alias="format",
         description="tar (default) or zip (stored, Zip64 where needed).  Without it, "
         "`Accept: application/zip` preferred over application/x-tar gets zip.",
+        openapi_examples={"tar": {"value": "tar"}, "zip": {"value": "zip"}},
     ),
 ]
 ManifestParam = Annotated[
@@ -210,37 +260,125 @@ ManifestParam = Annotated[
     Query(
         description="Add MANIFEST.sha256 (sha256sum -c format) and MANIFEST.<hashtype> as "
         "the last members; default: as posted with the cart (`manifest`).",
+        openapi_examples={"manifest": {"value": True}},
     ),
 ]
+FilenameParam = Annotated[
+    str | None,
+    Query(
+        description="Bundle name, also the top directory without its .tar/.zip; default "
+        "data_YYYY_MM_DD_HH_MM_SS.tar (or .zip).  No '/', '\\' or control characters.",
+        openapi_examples={"name": {"value": "my_cart.tar"}},
+    ),
+]
+
+
+class BundleResponse(StreamingResponse):
+    """A tar (or zip) stream; the class tells the OpenAPI document the route's media type."""
+
+    media_type = bundle.Format.TAR.media_type
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """The request headers that make a download conditional or partial (RFC 9110)."""
+
+    range: str | None
+    if_range: str | None
+    if_none_match: str | None
+
+
+def _conditions(
+    range_header: Annotated[
+        str | None,
+        Header(
+            alias="Range",
+            description="One byte range (bytes=a-b, bytes=a- or bytes=-n) for a 206; anything "
+            "else is ignored and the whole bundle is sent",
+            openapi_examples={"resume": {"value": "bytes=1048576-"}},
+        ),
+    ] = None,
+    if_range: Annotated[
+        str | None,
+        Header(
+            alias="If-Range",
+            description="Honour Range only while the ETag is still this one (curl -C -)",
+            openapi_examples={"etag": {"value": '"5d41402abc4b2a76b9719d911017c592"'}},
+        ),
+    ] = None,
+    if_none_match: Annotated[
+        str | None,
+        Header(
+            alias="If-None-Match",
+            description="304 with no body when the bundle's ETag is listed, or for *",
+            openapi_examples={"etag": {"value": '"5d41402abc4b2a76b9719d911017c592"'}},
+        ),
+    ] = None,
+) -> Conditions:
+    return Conditions(range_header, if_range, if_none_match)
+
+
+ConditionsDep = Annotated[Conditions, Depends(_conditions)]
 
 
 @router.get(
     "/{cart_id}",
     name="download_cart",
+    response_class=BundleResponse,
+    tags=["carts"],
     summary="Download a ready cart as a tar or zip stream (resumable with Range / If-Range)",
+    description="A plain PAX tar (never Content-Encoding), every member under one top "
+    "directory named after the bundle.  The same cart gives the same bytes for the same "
+    "name, so `curl -C -` resumes.  Without `format`, `Accept: application/zip` rated above "
+    "application/x-tar gets a zip.",
     responses={
         200: {
             "content": _BUNDLE_TYPES,
             "description": "The bundle: a PAX tar, or a stored zip with format=zip.",
-            "headers": _DOWNLOAD_HEADERS,
+            "headers": _BUNDLE_HEADERS,
         },
-        202: {"model": Message, "description": "Still staging."},
-        206: {"content": _BUNDLE_TYPES, "description": "One byte range."},
-        304: {"description": "If-None-Match matched the ETag."},
-        409: {
-            "model": ErrorBody,
-            "description": "The cart is in error, or a manifest would overwrite a cart path.",
+        202: openapi.message("Still staging", "The cart is not ready for download."),
+        206: {
+            "content": _BUNDLE_TYPES,
+            "description": "The byte range asked for.",
+            "headers": {
+                **_BUNDLE_HEADERS,
+                "Content-Range": header("bytes a-b/size of the whole bundle"),
+            },
         },
-        **_errors(400, 404, 416),
+        304: {
+            "description": "If-None-Match matched the ETag: the client's copy is current.",
+            "headers": {"ETag": _ETAG, "Vary": _VARY},
+        },
+        **error(
+            400,
+            "Invalid cart id, filename, format or manifest value",
+            {"cart_id": examples.INVALID_CART_ID, "filename": examples.BAD_FILENAME},
+        ),
+        **GONE,
+        **error(
+            409,
+            "The cart is in error, or a manifest would overwrite a cart path",
+            {"failed": examples.FAILED, "manifest": examples.MANIFEST_CLASH},
+        ),
+        **error(
+            416,
+            "The range lies wholly outside the bundle",
+            {"past_end": examples.PAST_END},
+            **{
+                "Content-Range": header("bytes */size of the whole bundle"),
+                "Accept-Ranges": header("Always bytes"),
+            },
+        ),
+        **INTERNAL,
     },
 )
 async def download_cart(
     cart_id: CartId,
     request: Request,
     runtime: RuntimeDep,
-    filename: Annotated[
-        str | None, Query(description="Bundle name; default data_<time>.tar (or .zip)")
-    ] = None,
+    conditions: ConditionsDep,
+    filename: FilenameParam = None,
     bundle_format: FormatParam = None,
     manifest: ManifestParam = None,
 ) -> Response:
@@ -261,7 +399,7 @@ async def download_cart(
     vary = {} if bundle_format else {"Vary": "Accept"}
     try:
         plan = await downloads.plan(runtime.sessions, runtime.volume, cart, files, wanted)
-        return _bundle_response(request, runtime, hold, plan, vary)
+        return _bundle_response(conditions, runtime, hold, plan, vary)
     except downloads.Refused as exc:
         hold.release()
         return error_response(409, str(exc))
@@ -271,11 +409,11 @@ async def download_cart(
 
 
 def _bundle_response(
-    request: Request, runtime: Runtime, hold: Hold, plan: bundle.Plan, vary: dict[str, str]
+    conditions: Conditions, runtime: Runtime, hold: Hold, plan: bundle.Plan, vary: dict[str, str]
 ) -> Response:
     """Evaluate the preconditions in RFC 9110 order: If-None-Match, then If-Range/Range."""
     etag = ranges.strong_etag(plan.digest)
-    if ranges.none_match(request.headers.get("if-none-match"), etag):
+    if ranges.none_match(conditions.if_none_match, etag):
         hold.release()
         return Response(status_code=304, headers={"ETag": etag, **vary})
     headers = {
@@ -285,9 +423,7 @@ def _bundle_response(
         "Content-Disposition": bundle.content_disposition(plan.name),
     }
     try:
-        wanted = ranges.selected_range(
-            request.headers.get("range"), request.headers.get("if-range"), etag, plan.size
-        )
+        wanted = ranges.selected_range(conditions.range, conditions.if_range, etag, plan.size)
     except ranges.Unsatisfiable as exc:
         unsatisfiable = {"Content-Range": f"bytes */{plan.size}", "Accept-Ranges": "bytes"}
         hold.release()
@@ -299,7 +435,7 @@ def _bundle_response(
     headers["Content-Length"] = str(part.length)
     body = _stream_held(hold, plan, part, runtime.settings.transfer_size)
     weakref.finalize(body, hold.release)  # a client gone before the first byte never starts it
-    return StreamingResponse(body, status_code=status, media_type=plan.media_type, headers=headers)
+    return BundleResponse(body, status_code=status, media_type=plan.media_type, headers=headers)
 
 
 async def _stream_held(
@@ -315,8 +451,15 @@ async def _stream_held(
 @router.delete(
     "/{cart_id}",
     response_model=Message,
-    responses=_errors(400, 404),
+    tags=["carts"],
     summary="Delete a cart, cancelling its staging and freeing its files",
+    description="A download already streaming may finish; the id may then be used again.",
+    responses={
+        200: openapi.message("Deleted", "Cart Deleted Successfully"),
+        **BAD_CART_ID,
+        **GONE,
+        **INTERNAL,
+    },
 )
 async def delete_cart(cart_id: CartId, runtime: RuntimeDep) -> Response:
     try:

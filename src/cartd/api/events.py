@@ -21,8 +21,10 @@ from fastapi.responses import Response, StreamingResponse
 from sqlalchemy.exc import SQLAlchemyError
 
 from cartd import carts
-from cartd.api.carts import CartId, FilesParam, RuntimeDep
+from cartd.api import examples
+from cartd.api.carts import NO_SUCH_CART, CartId, FilesParam, RuntimeDep
 from cartd.api.errors import error_response
+from cartd.api.openapi import INTERNAL, error, header
 from cartd.db.models import CartState
 from cartd.runtime import Runtime
 from cartd.schemas import CartStatus
@@ -35,10 +37,6 @@ RECONNECT_MS = 2000  # what a browser's EventSource waits before it reconnects
 TERMINAL = (CartState.READY, CartState.ERROR)
 # Fields that change without the cart progressing; they ride along but trigger nothing.
 _VOLATILE = ("eta_seconds", "last_used_at")
-
-
-# Spelled out: a `model` here would be listed under the route's text/event-stream type.
-_ERROR_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
 
 
 class EventStreamResponse(StreamingResponse):
@@ -130,7 +128,10 @@ async def _stream(watch: _Watch, first: CartStatus) -> AsyncIterator[bytes]:
 @router.get(
     "/{cart_id}/events",
     response_class=EventStreamResponse,
+    tags=["progress"],
     summary="Live progress as Server-Sent Events, until the cart is ready or in error",
+    description="Beyond 0.7.0: for a browser's EventSource or `curl -N`, instead of polling. "
+    "An unknown cart is a 404 before the stream starts.",
     responses={
         200: {
             "description": "`event: status` with the same JSON as GET /{cart_id}/status, "
@@ -138,6 +139,10 @@ async def _stream(watch: _Watch, first: CartStatus) -> AsyncIterator[bytes]:
             "`: keepalive` comment lines keep a quiet stream open.  The stream ends after "
             "the status that shows `ready` or `error`, or with `event: deleted` when the "
             "cart is deleted, evicted or expires meanwhile.",
+            "headers": {
+                "Cache-Control": header("no-cache"),
+                "X-Accel-Buffering": header("no: tells nginx not to buffer the stream"),
+            },
             "content": {
                 "text/event-stream": {
                     "schema": {"type": "string"},
@@ -146,8 +151,9 @@ async def _stream(watch: _Watch, first: CartStatus) -> AsyncIterator[bytes]:
                 }
             },
         },
-        400: {"description": "Invalid cart id or files value", "content": _ERROR_JSON},
-        404: {"description": "No such cart", "content": _ERROR_JSON},
+        **error(400, "Invalid cart id or files value", {"cart_id": examples.INVALID_CART_ID}),
+        **NO_SUCH_CART,
+        **INTERNAL,
     },
 )
 async def cart_events(cart_id: CartId, runtime: RuntimeDep, files: FilesParam = True) -> Response:
