@@ -22,6 +22,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from archive_server import ArchiveServer
+from cartd import cli
 from cartd.api import examples
 from cartd.api.openapi import render
 from cartd.app import create_app
@@ -61,6 +62,19 @@ def test_committed_document_is_the_one_the_code_builds() -> None:
     assert COMMITTED.read_text(encoding="utf-8") == render(_document()), (
         "docs/openapi.json is out of date with the code: run `make openapi` and commit it"
     )
+
+
+def test_cartd_openapi_writes_the_document_without_a_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make openapi` runs this; it must work on a machine with no database or volume."""
+    monkeypatch.setenv("CARTD_DATABASE_URL", "mysql+aiomysql://root@127.0.0.1:1/none")
+    monkeypatch.setenv("CARTD_VOLUME_PATH", str(tmp_path / "absent"))
+    cli.main(["openapi", "-o", str(tmp_path / "openapi.json")])
+    cli.main(["openapi"])
+    written = (tmp_path / "openapi.json").read_text(encoding="utf-8")
+    assert written == capsys.readouterr().out == render(_document())
+    assert not (tmp_path / "absent").exists()
 
 
 def test_cart_body_schema_is_published_with_examples() -> None:
