@@ -109,7 +109,8 @@ def test_every_operation_is_described_with_a_stable_id_and_tag() -> None:
         assert operation.get("description"), where
         assert operation.get("tags"), where
         ids.append(operation["operationId"])
-        assert "500" in operation["responses"] or path == "/", where
+        if path.startswith("/{cart_id}"):  # each reads the database, which can fail
+            assert "500" in operation["responses"], where
     assert len(ids) == len(set(ids))
     assert {"create_cart", "head_cart", "download_cart", "cart_status", "delete_cart"} <= set(ids)
 
@@ -349,7 +350,11 @@ def _replay_refusals(service: Service, expect: Expect) -> None:
         expect(("GET", path, "400", "cart_id"), response, examples.INVALID_CART_ID)
         response = ops.get(path.replace("{cart_id}", "my-cart"))
         expect(("GET", path, "404", "not_found"), response, examples.NOT_FOUND)
+        response = ops.get(path.replace("{cart_id}", "my-cart"), params={"files": "maybe"})
+        expect(("GET", path, "400", "files"), response, examples.BAD_FILES)
     expect(("GET", CART, "404", "not_found"), ops.get("/my-cart"), examples.GONE)
+    response = ops.get("/my-cart", params={"format": "rar"})
+    expect(("GET", CART, "400", "format"), response, examples.BAD_FORMAT)
     expect(("DELETE", CART, "404", "not_found"), ops.delete("/my-cart"), examples.GONE)
     expect(
         ("POST", CART, "400", "json"),

@@ -71,6 +71,11 @@ FilesParam = Annotated[
 ]
 BAD_CART_ID = error(400, "Invalid cart id", {"cart_id": examples.INVALID_CART_ID})
 NO_SUCH_CART = error(404, "No such cart, or it was deleted", {"not_found": examples.NOT_FOUND})
+BAD_STATUS_QUERY = error(
+    400,
+    "Invalid cart id or files value",
+    {"cart_id": examples.INVALID_CART_ID, "files": examples.BAD_FILES},
+)
 GONE = error(404, "No such cart, or it was already deleted", {"not_found": examples.GONE})
 
 CART_BODY: dict[str, Any] = {
@@ -216,7 +221,7 @@ async def head_cart(cart_id: CartId, runtime: RuntimeDep) -> Response:
     "per-file list, which for a 100,000-file cart is most of the answer.",
     responses={
         200: {"content": {"application/json": {"example": examples.STATUS}}},
-        **error(400, "Invalid cart id or files value", {"cart_id": examples.INVALID_CART_ID}),
+        **BAD_STATUS_QUERY,
         **NO_SUCH_CART,
         **INTERNAL,
     },
@@ -353,7 +358,11 @@ ConditionsDep = Annotated[Conditions, Depends(_conditions)]
         **error(
             400,
             "Invalid cart id, filename, format or manifest value",
-            {"cart_id": examples.INVALID_CART_ID, "filename": examples.BAD_FILENAME},
+            {
+                "cart_id": examples.INVALID_CART_ID,
+                "filename": examples.BAD_FILENAME,
+                "format": examples.BAD_FORMAT,
+            },
         ),
         **GONE,
         **error(

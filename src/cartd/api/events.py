@@ -21,10 +21,9 @@ from fastapi.responses import Response, StreamingResponse
 from sqlalchemy.exc import SQLAlchemyError
 
 from cartd import carts
-from cartd.api import examples
-from cartd.api.carts import NO_SUCH_CART, CartId, FilesParam, RuntimeDep
+from cartd.api.carts import BAD_STATUS_QUERY, NO_SUCH_CART, CartId, FilesParam, RuntimeDep
 from cartd.api.errors import error_response
-from cartd.api.openapi import INTERNAL, error, header
+from cartd.api.openapi import INTERNAL, header
 from cartd.db.models import CartState
 from cartd.runtime import Runtime
 from cartd.schemas import CartStatus
@@ -151,7 +150,7 @@ async def _stream(watch: _Watch, first: CartStatus) -> AsyncIterator[bytes]:
                 }
             },
         },
-        **error(400, "Invalid cart id or files value", {"cart_id": examples.INVALID_CART_ID}),
+        **BAD_STATUS_QUERY,
         **NO_SUCH_CART,
         **INTERNAL,
     },

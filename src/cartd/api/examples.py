@@ -48,6 +48,10 @@ INVALID_BODY = {
 }
 CONFLICT = "cart my-cart already exists with a different file list or options"
 TOO_LARGE = "request body larger than 67108864 bytes"
+BAD_FORMAT = "invalid request: query.format: Input should be 'tar' or 'zip'"
+BAD_FILES = (
+    "invalid request: query.files: Input should be a valid boolean, unable to interpret input"
+)
 BAD_FILENAME = "filename must not contain '/', '\\' or control characters"
 FAILED = "Failed to pull file(File hash does not match provided hash)"
 MANIFEST_CLASH = "cart path 'MANIFEST.sha256' is where the manifest would go; ask without it"
