@@ -11,6 +11,8 @@ from fastapi.openapi.utils import get_openapi
 
 from cartd import __version__
 from cartd.api import carts, errors, events
+from cartd.api.auth import authenticator
+from cartd.api.peer import RealPeer
 from cartd.runtime import running
 from cartd.schemas import CartRequest
 from cartd.settings import Settings
@@ -36,6 +38,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    # Before serving anything: a bad token file or proxy list must stop start-up.
+    app.state.authenticator = authenticator(settings)
+    app.add_middleware(RealPeer, trusted_proxies=settings.trusted_proxies)
     app.include_router(carts.router)
     app.include_router(events.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

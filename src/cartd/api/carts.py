@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 
 from cartd import bundle, carts, downloads
 from cartd.api import formats, ranges
+from cartd.api.auth import Owner
 from cartd.api.errors import error_response, header_text
 from cartd.db.deadlock import retry_deadlocks
 from cartd.db.models import CartState
@@ -100,7 +101,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
     responses=_errors(400, 409, 413),
     summary="Create a cart and start staging it",
 )
-async def create_cart(cart_id: CartId, request: Request, runtime: RuntimeDep) -> Response:
+async def create_cart(
+    owner: Owner, cart_id: CartId, request: Request, runtime: RuntimeDep
+) -> Response:
     body = await _read_body(request, runtime.settings.max_request_bytes)
     try:
         settings = runtime.settings
@@ -108,7 +111,7 @@ async def create_cart(cart_id: CartId, request: Request, runtime: RuntimeDep) ->
         cart = await asyncio.to_thread(carts.parse_cart, body, settings.max_files_per_cart)
         ttl = carts.time_to_live(cart.ttl, settings.cart_ttl, settings.cart_ttl_max)
         created = await retry_deadlocks(
-            lambda: carts.create_cart(runtime.sessions, cart_id, cart, ttl)
+            lambda: carts.create_cart(runtime.sessions, cart_id, cart, ttl, owner=owner)
         )
     except carts.InvalidCart as exc:
         return error_response(400, str(exc))
@@ -161,9 +164,11 @@ _STATUS_HEADERS = {
         500: {"description": "The cart is in error", "headers": _STATUS_HEADERS},
     },
 )
-async def head_cart(cart_id: CartId, runtime: RuntimeDep) -> Response:
+async def head_cart(owner: Owner, cart_id: CartId, runtime: RuntimeDep) -> Response:
     try:
-        cart = await retry_deadlocks(lambda: carts.find_cart(runtime.sessions, cart_id, touch=True))
+        cart = await retry_deadlocks(
+            lambda: carts.find_cart(runtime.sessions, cart_id, owner=owner, touch=True)
+        )
     except carts.CartNotFound as exc:
         return Response(status_code=404, headers=_status_headers("error", str(exc)))
     code = 500 if cart.state == CartState.ERROR else 204
@@ -180,11 +185,11 @@ async def head_cart(cart_id: CartId, runtime: RuntimeDep) -> Response:
     summary="Progress: cart state, counts, bytes, ETA and per-file detail",
 )
 async def cart_status(
-    cart_id: CartId, runtime: RuntimeDep, files: FilesParam = True
+    owner: Owner, cart_id: CartId, runtime: RuntimeDep, files: FilesParam = True
 ) -> CartStatus | Response:
     try:
         status = await retry_deadlocks(
-            lambda: carts.cart_status(runtime.sessions, cart_id, files=files)
+            lambda: carts.cart_status(runtime.sessions, cart_id, owner=owner, files=files)
         )
     except carts.CartNotFound as exc:
         return error_response(404, str(exc))
@@ -235,6 +240,7 @@ ManifestParam = Annotated[
     },
 )
 async def download_cart(
+    owner: Owner,
     cart_id: CartId,
     request: Request,
     runtime: RuntimeDep,
@@ -247,7 +253,9 @@ async def download_cart(
     fmt = bundle_format or formats.from_accept(request.headers.get("accept"))
     try:
         name = bundle.check_name(filename or bundle.default_name(fmt=fmt), fmt)
-        cart, files = await retry_deadlocks(lambda: carts.ready_files(runtime.sessions, cart_id))
+        cart, files = await retry_deadlocks(
+            lambda: carts.ready_files(runtime.sessions, cart_id, owner=owner)
+        )
     except bundle.InvalidBundleName as exc:
         return error_response(400, str(exc))
     except carts.CartNotFound as exc:
@@ -318,10 +326,12 @@ async def _stream_held(
     responses=_errors(400, 404),
     summary="Delete a cart, cancelling its staging and freeing its files",
 )
-async def delete_cart(cart_id: CartId, runtime: RuntimeDep) -> Response:
+async def delete_cart(owner: Owner, cart_id: CartId, runtime: RuntimeDep) -> Response:
     try:
         await retry_deadlocks(
-            lambda: carts.delete_cart(runtime.sessions, runtime.worker, runtime.volume, cart_id)
+            lambda: carts.delete_cart(
+                runtime.sessions, runtime.worker, runtime.volume, cart_id, owner=owner
+            )
         )
     except carts.CartNotFound:
         return error_response(404, "The cart does not exist or has already been deleted")
