@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
@@ -26,6 +27,7 @@ from archive_server import ArchiveServer
 from cartd.api.auth import AuthConfigError
 from cartd.app import create_app
 from cartd.cli import main
+from cartd.client import main as client_main
 from cartd.settings import Settings
 from cartd.tokens import TokenFileError, parse_tokens
 from cartd_proc import Cartd, cartd_env
@@ -236,6 +238,21 @@ def test_pacifica_downloader_auth_argument(
         Downloader(cart_api_url=url).cloudevent(
             str(tmp_path / "none"), _event(archive, "d9", b"x"), timeout=30
         )
+
+
+def test_cartd_client_token_file(
+    token_service: Service, archive: ArchiveServer, tmp_path: Path
+) -> None:
+    archive.add_file("k", b"kept")
+    cart = tmp_path / "cart.json"
+    cart.write_text(json.dumps({"fileids": [entry("k", "k.txt", b"kept")]}))
+    token = tmp_path / "alice.token"
+    token.write_text(f"# alice\n{ALICE}\n")
+    out = tmp_path / "out"
+    get = ["get", str(cart), "-o", str(out), "--url", token_service.url, "--quiet"]
+    assert client_main(get) == 2  # no token: exit 2, the credentials are wrong, not the cart
+    assert client_main([*get, "--token-file", str(token)]) == 0
+    assert (out / "cart" / "k.txt").read_bytes() == b"kept"
 
 
 # --- proxy mode -------------------------------------------------------------------------
