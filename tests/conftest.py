@@ -118,7 +118,10 @@ class ServiceThread:
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         self.port: int = self.socket.getsockname()[1]
-        config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on")
+        # As `cartd serve`: forwarded headers are the app's business (cartd.api.peer).
+        config = uvicorn.Config(
+            create_app(settings), log_level="warning", lifespan="on", proxy_headers=False
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True

@@ -9,6 +9,8 @@ from fastapi import FastAPI
 
 from cartd import __version__
 from cartd.api import carts, errors, events, openapi
+from cartd.api.auth import authenticator
+from cartd.api.peer import RealPeer
 from cartd.runtime import running
 from cartd.settings import Settings
 from cartd.volume_lock import exclusive
@@ -34,6 +36,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         generate_unique_id_function=openapi.operation_id,
     )
     errors.install(app)
+    # Before serving anything: a bad token file or proxy list must stop start-up.
+    app.state.authenticator = authenticator(settings)
+    app.add_middleware(RealPeer, trusted_proxies=settings.trusted_proxies)
     app.include_router(carts.router)
     app.include_router(events.router)
     app.openapi = lambda: openapi.document(app)  # type: ignore[method-assign]

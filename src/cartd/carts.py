@@ -108,13 +108,17 @@ def _file_rows(cart: CartRequest) -> list[dict[str, Any]]:
 
 
 async def create_cart(
-    sessions: SessionFactory, uid: str, cart: CartRequest, ttl: float | None = None
+    sessions: SessionFactory, uid: str, cart: CartRequest, ttl: float | None = None, *, owner: str
 ) -> Created:
-    """Insert a cart, or accept an identical retry; a different list for a live id conflicts."""
+    """Insert a cart, or accept an identical retry; a different list for a live id conflicts.
+
+    Ids are per owner: another identity's cart of the same id is neither found nor in the
+    way, so a POST can never tell that it exists.
+    """
     digest, rows = await asyncio.to_thread(lambda: (fingerprint(cart), _file_rows(cart)))
     try:
         async with sessions.begin() as session:
-            existing = await store.active_cart(session, uid)
+            existing = await store.active_cart(session, owner, uid)
             if existing is None:
                 row = await store.insert_cart(
                     session,
@@ -122,6 +126,7 @@ async def create_cart(
                     digest,
                     rows,
                     ttl,
+                    owner=owner,
                     manifest=cart.manifest,
                     allow_partial=cart.allow_partial,
                 )
@@ -129,15 +134,15 @@ async def create_cart(
     except IntegrityError:
         # A concurrent POST of the same id won the unique index; judge against its cart.
         async with sessions.begin() as session:
-            existing = await store.active_cart(session, uid)
+            existing = await store.active_cart(session, owner, uid)
     if existing is None or existing.fingerprint != digest:
         raise CartConflict(f"cart {uid} already exists with a different file list or options")
     return Created(existing.id, new=False)
 
 
-async def find_cart(sessions: SessionFactory, uid: str, *, touch: bool = False) -> Cart:
+async def find_cart(sessions: SessionFactory, uid: str, *, owner: str, touch: bool = False) -> Cart:
     async with sessions.begin() as session:
-        cart = await store.active_cart(session, uid)
+        cart = await store.active_cart(session, owner, uid)
         if cart is None:
             raise CartNotFound(f"No cart with uid {uid} found")
         if touch:
@@ -145,10 +150,12 @@ async def find_cart(sessions: SessionFactory, uid: str, *, touch: bool = False) 
     return cart
 
 
-async def cart_status(sessions: SessionFactory, uid: str, *, files: bool = True) -> CartStatus:
+async def cart_status(
+    sessions: SessionFactory, uid: str, *, owner: str, files: bool = True
+) -> CartStatus:
     """The progress report; `files=False` skips the per-file rows (a 100,000-file cart)."""
     async with sessions.begin() as session:
-        cart = await store.active_cart(session, uid)
+        cart = await store.active_cart(session, owner, uid)
         if cart is None:
             raise CartNotFound(f"No cart with uid {uid} found")
         if files:
@@ -219,10 +226,12 @@ def _file_status(row: CartFile) -> FileStatus:
     )
 
 
-async def ready_files(sessions: SessionFactory, uid: str) -> tuple[Cart, Sequence[CartFile]]:
+async def ready_files(
+    sessions: SessionFactory, uid: str, *, owner: str
+) -> tuple[Cart, Sequence[CartFile]]:
     """The cart and its files if it can be downloaded now; touches it for LRU."""
     async with sessions.begin() as session:
-        cart = await store.active_cart(session, uid)
+        cart = await store.active_cart(session, owner, uid)
         if cart is None:
             raise CartNotFound("The cart does not exist or has already been deleted")
         await store.touch(session, cart.id)
@@ -231,10 +240,12 @@ async def ready_files(sessions: SessionFactory, uid: str) -> tuple[Cart, Sequenc
         return cart, await store.cart_files(session, cart.id)
 
 
-async def delete_cart(sessions: SessionFactory, worker: Worker, volume: Volume, uid: str) -> None:
+async def delete_cart(
+    sessions: SessionFactory, worker: Worker, volume: Volume, uid: str, *, owner: str
+) -> None:
     """Mark deleted first (the truth), then stop its fetches and free its files."""
     async with sessions.begin() as session:
-        cart = await store.active_cart(session, uid)
+        cart = await store.active_cart(session, owner, uid)
         if cart is None:
             raise CartNotFound(f"No cart with uid {uid} found")
         await store.mark_deleted(session, cart.id)

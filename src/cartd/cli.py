@@ -12,6 +12,7 @@ from typing import TypeVar
 
 from cartd import admin, fsck, server
 from cartd.api import openapi
+from cartd.api.auth import AuthConfigError
 from cartd.app import create_app
 from cartd.db.migrate import upgrade
 from cartd.db.session import (
@@ -30,7 +31,11 @@ T = TypeVar("T")
 def _serve(args: argparse.Namespace, settings: Settings) -> None:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=overrides)
-    server.serve(create_app(settings), settings, args.log_level)
+    try:
+        app = create_app(settings)
+    except AuthConfigError as exc:  # the operator's fix is in the message, not a traceback
+        raise SystemExit(f"cartd serve: {exc}") from None
+    server.serve(app, settings, args.log_level)
 
 
 def _fsck(args: argparse.Namespace, settings: Settings) -> None:

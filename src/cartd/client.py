@@ -63,6 +63,7 @@ class Options:
     retries: int
     poll_max: float
     keep_tar: bool
+    token: str = ""  # sent as a bearer token, for servers with CARTD_AUTH=token
 
 
 # --- progress bar ----------------------------------------------------------------------------
@@ -142,6 +143,8 @@ def post_cart(http: httpx.Client, cart_id: str, body: bytes) -> None:
     response = http.post(f"/{cart_id}", content=body, headers=headers)
     if response.status_code in (200, 201):
         return
+    if response.status_code in (401, 403):  # the credentials, not the cart
+        raise ClientError(f"not authorised: {_message(response)} (see --token-file)")
     if 400 <= response.status_code < 500:
         raise CartFailed(f"the server refused the cart: {_message(response)}")
     raise ClientError(f"POST /{cart_id} answered {response.status_code}: {_message(response)}")
@@ -419,7 +422,8 @@ def get(options: Options) -> Path:
     options.out_dir.mkdir(parents=True, exist_ok=True)
     part = options.out_dir / f"{options.name}.tar.part"
     timeout = httpx.Timeout(30.0, read=120.0)
-    with httpx.Client(base_url=options.url, timeout=timeout) as http:
+    auth = {"Authorization": f"Bearer {options.token}"} if options.token else {}
+    with httpx.Client(base_url=options.url, timeout=timeout, headers=auth) as http:
         post_cart(http, options.cart_id, body)
         staging = Bar("staging", not options.quiet and sys.stderr.isatty())
         wait_ready(http, options.cart_id, staging, options.poll_max)
@@ -448,7 +452,21 @@ def _parser() -> argparse.ArgumentParser:
     command.add_argument("--retries", type=int, default=5, help="download retries (5)")
     command.add_argument("--poll-max", type=float, default=10.0, help="longest HEAD poll wait")
     command.add_argument("--keep-tar", action="store_true", help="keep DIR/NAME.tar")
+    command.add_argument(
+        "--token-file", type=Path, help="file holding a bearer token (servers with CARTD_AUTH)"
+    )
     return parser
+
+
+def _token(path: Path | None) -> str:
+    """The file's first line that is not blank or a comment; a file keeps it out of `ps`."""
+    if path is None:
+        return ""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    token = next((line for line in lines if line and not line.startswith("#")), "")
+    if not token or any(c.isspace() for c in token):
+        raise ClientError(f"--token-file {path} holds no token")
+    return token
 
 
 def _options(args: argparse.Namespace) -> Options:
@@ -467,6 +485,7 @@ def _options(args: argparse.Namespace) -> Options:
         retries=args.retries,
         poll_max=args.poll_max,
         keep_tar=args.keep_tar,
+        token=_token(args.token_file),
     )
 
 

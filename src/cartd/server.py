@@ -48,5 +48,8 @@ def serve(app: FastAPI, settings: Settings, log_level: str) -> None:
         port=settings.port,
         log_level=log_level,
         timeout_graceful_shutdown=settings.shutdown_grace,
+        # The app applies X-Forwarded-* from CARTD_TRUSTED_PROXIES itself (cartd.api.peer),
+        # after noting the real peer that CARTD_AUTH=proxy must judge.
+        proxy_headers=False,
     )
     GracefulServer(config, app).run()

@@ -8,6 +8,7 @@ existing deployments set them.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator
@@ -114,6 +115,13 @@ class Settings(BaseSettings):
         0.5, gt=0, validation_alias=_aliases("EVENTS_POLL_INTERVAL")
     )
     events_heartbeat: float = Field(15.0, gt=0, validation_alias=_aliases("EVENTS_HEARTBEAT"))
+    # Reverse proxies whose X-Forwarded-For / -Proto cartd believes: comma-separated IPs/CIDRs.
+    trusted_proxies: str = Field("127.0.0.1", validation_alias=_aliases("TRUSTED_PROXIES"))
+    # Access control, off by default (pacifica-cartd has none): `token` checks bearer tokens
+    # from a file, `proxy` believes an identity header set by a trusted proxy.
+    auth: Literal["none", "token", "proxy"] = Field("none", validation_alias=_aliases("AUTH"))
+    auth_tokens_file: Path | None = Field(None, validation_alias=_aliases("AUTH_TOKENS_FILE"))
+    auth_header: str = Field("X-Remote-User", validation_alias=_aliases("AUTH_HEADER"))
 
     @field_validator("cache_low_watermark", "cache_high_watermark")
     @classmethod

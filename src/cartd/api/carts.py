@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 
 from cartd import bundle, carts, downloads
 from cartd.api import examples, formats, openapi, ranges
+from cartd.api.auth import Owner
 from cartd.api.errors import error_response, header_text
 from cartd.api.openapi import INTERNAL, error, head_error, header
 from cartd.db.deadlock import retry_deadlocks
@@ -146,7 +147,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
         **INTERNAL,
     },
 )
-async def create_cart(cart_id: CartId, request: Request, runtime: RuntimeDep) -> Response:
+async def create_cart(
+    owner: Owner, cart_id: CartId, request: Request, runtime: RuntimeDep
+) -> Response:
     body = await _read_body(request, runtime.settings.max_request_bytes)
     try:
         settings = runtime.settings
@@ -154,7 +157,7 @@ async def create_cart(cart_id: CartId, request: Request, runtime: RuntimeDep) ->
         cart = await asyncio.to_thread(carts.parse_cart, body, settings.max_files_per_cart)
         ttl = carts.time_to_live(cart.ttl, settings.cart_ttl, settings.cart_ttl_max)
         created = await retry_deadlocks(
-            lambda: carts.create_cart(runtime.sessions, cart_id, cart, ttl)
+            lambda: carts.create_cart(runtime.sessions, cart_id, cart, ttl, owner=owner)
         )
     except carts.InvalidCart as exc:
         return error_response(400, str(exc))
@@ -200,9 +203,11 @@ def _status_headers(state: str, message: str) -> dict[str, str]:
         **head_error(500, "The cart is in error, or an unexpected failure"),
     },
 )
-async def head_cart(cart_id: CartId, runtime: RuntimeDep) -> Response:
+async def head_cart(owner: Owner, cart_id: CartId, runtime: RuntimeDep) -> Response:
     try:
-        cart = await retry_deadlocks(lambda: carts.find_cart(runtime.sessions, cart_id, touch=True))
+        cart = await retry_deadlocks(
+            lambda: carts.find_cart(runtime.sessions, cart_id, owner=owner, touch=True)
+        )
     except carts.CartNotFound as exc:
         return Response(status_code=404, headers=_status_headers("error", str(exc)))
     code = 500 if cart.state == CartState.ERROR else 204
@@ -227,11 +232,11 @@ async def head_cart(cart_id: CartId, runtime: RuntimeDep) -> Response:
     },
 )
 async def cart_status(
-    cart_id: CartId, runtime: RuntimeDep, files: FilesParam = True
+    owner: Owner, cart_id: CartId, runtime: RuntimeDep, files: FilesParam = True
 ) -> CartStatus | Response:
     try:
         status = await retry_deadlocks(
-            lambda: carts.cart_status(runtime.sessions, cart_id, files=files)
+            lambda: carts.cart_status(runtime.sessions, cart_id, owner=owner, files=files)
         )
     except carts.CartNotFound as exc:
         return error_response(404, str(exc))
@@ -383,6 +388,7 @@ ConditionsDep = Annotated[Conditions, Depends(_conditions)]
     },
 )
 async def download_cart(
+    owner: Owner,
     cart_id: CartId,
     request: Request,
     runtime: RuntimeDep,
@@ -394,7 +400,9 @@ async def download_cart(
     fmt = bundle_format or formats.from_accept(request.headers.get("accept"))
     try:
         name = bundle.check_name(filename or bundle.default_name(fmt=fmt), fmt)
-        cart, files = await retry_deadlocks(lambda: carts.ready_files(runtime.sessions, cart_id))
+        cart, files = await retry_deadlocks(
+            lambda: carts.ready_files(runtime.sessions, cart_id, owner=owner)
+        )
     except bundle.InvalidBundleName as exc:
         return error_response(400, str(exc))
     except carts.CartNotFound as exc:
@@ -470,10 +478,12 @@ async def _stream_held(
         **INTERNAL,
     },
 )
-async def delete_cart(cart_id: CartId, runtime: RuntimeDep) -> Response:
+async def delete_cart(owner: Owner, cart_id: CartId, runtime: RuntimeDep) -> Response:
     try:
         await retry_deadlocks(
-            lambda: carts.delete_cart(runtime.sessions, runtime.worker, runtime.volume, cart_id)
+            lambda: carts.delete_cart(
+                runtime.sessions, runtime.worker, runtime.volume, cart_id, owner=owner
+            )
         )
     except carts.CartNotFound:
         return error_response(404, "The cart does not exist or has already been deleted")

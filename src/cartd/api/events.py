@@ -21,6 +21,7 @@ from fastapi.responses import Response, StreamingResponse
 from sqlalchemy.exc import SQLAlchemyError
 
 from cartd import carts
+from cartd.api.auth import Owner
 from cartd.api.carts import BAD_STATUS_QUERY, NO_SUCH_CART, CartId, FilesParam, RuntimeDep
 from cartd.api.errors import error_response
 from cartd.api.openapi import INTERNAL, header
@@ -60,8 +61,9 @@ def _change_key(document: dict[str, Any]) -> dict[str, Any]:
 class _Watch:
     """One client's stream: the last status sent, and when anything was last sent."""
 
-    def __init__(self, runtime: Runtime, cart_id: str, files: bool) -> None:
+    def __init__(self, runtime: Runtime, owner: str, cart_id: str, files: bool) -> None:
         self.runtime = runtime
+        self.owner = owner
         self.cart_id = cart_id
         self.files = files
         self.number = 0
@@ -97,7 +99,9 @@ class _Watch:
     async def poll(self) -> CartStatus | None:
         """The current status; None once the cart is gone.  A database blip skips a beat."""
         try:
-            return await carts.cart_status(self.runtime.sessions, self.cart_id, files=self.files)
+            return await carts.cart_status(
+                self.runtime.sessions, self.cart_id, owner=self.owner, files=self.files
+            )
         except SQLAlchemyError as exc:
             log.warning("event stream for cart %s could not read its status: %s", self.cart_id, exc)
             return self.current
@@ -155,12 +159,14 @@ async def _stream(watch: _Watch, first: CartStatus) -> AsyncIterator[bytes]:
         **INTERNAL,
     },
 )
-async def cart_events(cart_id: CartId, runtime: RuntimeDep, files: FilesParam = True) -> Response:
+async def cart_events(
+    owner: Owner, cart_id: CartId, runtime: RuntimeDep, files: FilesParam = True
+) -> Response:
     """404 before the stream starts for an unknown cart, so a client can tell at once."""
     try:
-        first = await carts.cart_status(runtime.sessions, cart_id, files=files)
+        first = await carts.cart_status(runtime.sessions, cart_id, owner=owner, files=files)
     except carts.CartNotFound as exc:
         return error_response(404, str(exc))
-    watch = _Watch(runtime, cart_id, files)
+    watch = _Watch(runtime, owner, cart_id, files)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return EventStreamResponse(_stream(watch, first), headers=headers)

@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, Boolean, Double, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -34,17 +44,24 @@ class Base(DeclarativeBase):
 class Cart(Base):
     """A client's cart.  `active_uid` equals `uid` until deletion, then NULL.
 
-    The unique index on `active_uid` lets a deleted cart's id be reused while still making
-    two concurrent POSTs of one id collide in the database rather than in memory.
+    The unique index on (`owner`, `active_uid`) lets a deleted cart's id be reused while
+    still making two concurrent POSTs of one id collide in the database rather than in
+    memory.  Each owner has a namespace of cart ids of its own (schema 0005): with access
+    control on, one identity's cart id says nothing about another's.
     """
 
     __tablename__ = "carts"
     # Binary collation on MariaDB: cart ids are case-sensitive (the migration says the same).
-    __table_args__ = ({"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"},)
+    __table_args__ = (
+        UniqueConstraint("owner", "active_uid", name="uq_carts_owner_active_uid"),
+        {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"},
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     uid: Mapped[str] = mapped_column(String(128), index=True)
-    active_uid: Mapped[str | None] = mapped_column(String(128), unique=True)
+    active_uid: Mapped[str | None] = mapped_column(String(128))
+    # The identity that created the cart; "" when access control is off (CARTD_AUTH=none).
+    owner: Mapped[str] = mapped_column(String(255), default="")
     state: Mapped[str] = mapped_column(String(16), default=CartState.WAITING)
     message: Mapped[str] = mapped_column(Text, default="")
     fingerprint: Mapped[str] = mapped_column(String(64))

@@ -55,8 +55,9 @@ def _update(model: type[Cart] | type[CartFile]) -> Any:
     return update(model).execution_options(synchronize_session=False)
 
 
-async def active_cart(session: AsyncSession, uid: str) -> Cart | None:
-    result = await session.execute(select(Cart).where(Cart.active_uid == uid))
+async def active_cart(session: AsyncSession, owner: str, uid: str) -> Cart | None:
+    """The owner's live cart of that id; another owner's cart of the same id is not it."""
+    result = await session.execute(select(Cart).where(Cart.owner == owner, Cart.active_uid == uid))
     return result.scalar_one_or_none()
 
 
@@ -67,11 +68,13 @@ async def insert_cart(
     files: Sequence[dict[str, Any]],
     ttl: float | None = None,
     *,
+    owner: str = "",
     manifest: bool = False,
     allow_partial: bool = False,
 ) -> Cart:
     now = time.time()
     cart = Cart(
+        owner=owner,
         manifest=manifest,
         allow_partial=allow_partial,
         expires_at=now + ttl if ttl else None,
