@@ -54,7 +54,7 @@ Examples:
   cartd serve --log-level debug
 
 Exit status:
-  0  stopped by SIGTERM or SIGINT
+  on SIGTERM or SIGINT it shuts down gracefully, then ends by that signal (143 or 130)
   1  the database is unreachable, or its schema is refused (the message names the fix)
   3  start-up failed otherwise, e.g. another cartd holds the volume
 """
