@@ -24,7 +24,7 @@ from cartd.db.models import Base
 from cartd.db.session import create_engine
 from cartd.runtime import running
 from cartd.settings import Settings
-from conftest import run_cartd
+from conftest import DATABASES, database, run_cartd
 
 CARTD = str(Path(sys.executable).parent / "cartd")
 HEAD = migrate.scripts().get_current_head()
@@ -189,3 +189,35 @@ async def test_serve_refuses_a_schema_behind_in_one_line(tmp_path: Path) -> None
     ]
     assert (await migrate.status(engine)).revision == PREVIOUS
     await engine.dispose()
+
+
+# Replicas share MariaDB; SQLite serves one host's processes (and passes with or without
+# the lock, so it would prove nothing here).
+@pytest.mark.parametrize("kind", [kind for kind in DATABASES if kind == "mariadb"])
+def test_replicas_starting_together_migrate_once(kind: str, tmp_path: Path) -> None:
+    """compose.scale.yaml starts several cartd at once on one empty database: each runs the
+    entrypoint's `cartd db upgrade`, and none may fail on a table another one just made."""
+    with database(kind, tmp_path) as db_url:
+        _upgrade_together(db_url, tmp_path)
+
+
+def _upgrade_together(db_url: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARTD_")}
+    env["CARTD_DATABASE_URL"] = db_url
+    replicas = [
+        subprocess.Popen(
+            [CARTD, "db", "upgrade"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [replica.communicate(timeout=120)[0] for replica in replicas]
+    assert [replica.returncode for replica in replicas] == [0, 0], outputs
+    assert sorted(line.split(":")[0] for line in outputs) == [
+        "database schema already at " + HEAD,
+        "database schema upgraded",
+    ]

@@ -16,8 +16,10 @@ cartd/migrations.  Start-up compares the database's revision with the code's hea
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
+from typing import TypeVar
 
 import sqlalchemy as sa
 from alembic import command
@@ -29,6 +31,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cartd.db.models import Base
+from cartd.db.store import schema_lock
+
+T = TypeVar("T")
 
 
 class SchemaState(enum.Enum):
@@ -122,16 +127,21 @@ async def status(engine: AsyncEngine) -> SchemaStatus:
         return await conn.run_sync(_status)
 
 
+def _locked(connection: Connection, change: Callable[[Connection], T]) -> T:
+    with schema_lock(connection):
+        return change(connection)
+
+
 async def upgrade(engine: AsyncEngine) -> SchemaStatus:
     """Bring the schema to head; a no-op at head.  Returns the status found before."""
     async with engine.begin() as conn:
-        return await conn.run_sync(_upgrade)
+        return await conn.run_sync(_locked, _upgrade)
 
 
 async def downgrade(engine: AsyncEngine, revision: str) -> None:
     """Step the schema back to `revision` (`base` drops every table), for a rollback."""
     async with engine.begin() as conn:
-        await conn.run_sync(lambda c: command.downgrade(_config(c), revision))
+        await conn.run_sync(_locked, lambda c: command.downgrade(_config(c), revision))
 
 
 def _prepare(connection: Connection, auto_migrate: bool) -> SchemaStatus:
@@ -148,4 +158,4 @@ def _prepare(connection: Connection, auto_migrate: bool) -> SchemaStatus:
 async def prepare(engine: AsyncEngine, auto_migrate: bool) -> SchemaStatus:
     """Start-up's policy (see the module docstring): create, upgrade, accept or refuse."""
     async with engine.begin() as conn:
-        return await conn.run_sync(_prepare, auto_migrate)
+        return await conn.run_sync(_locked, lambda c: _prepare(c, auto_migrate))
