@@ -54,6 +54,13 @@ NOT_SETTINGS = {"PATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE"}
 _INTERPOLATION = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
 
+@pytest.fixture(autouse=True)
+def _no_settings_from_this_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings(...) also reads os.environ: only what the files under test set may count."""
+    for name in _FIELDS:
+        monkeypatch.delenv(name, raising=False)
+
+
 def _compose_schema() -> Any:
     vendor = files("check_jsonschema.builtin_schemas.vendor")
     return json.loads((vendor / "compose-spec.json").read_text())
