@@ -164,9 +164,10 @@ def test_operator_commands_report_and_refuse(
     )
     assert run_cartd(capsys, "db", "downgrade", PREVIOUS)[0] == 0
     assert run_cartd(capsys, "db", "status")[0] == 1
-    code, _, err = run_cartd(capsys, "carts", "list")
-    assert code == 1
-    assert "run `cartd db upgrade`" in err
+    for command in (["carts", "list"], ["purge", "--older-than", "1d"], ["fsck", "--repair"]):
+        code, _, err = run_cartd(capsys, *command)
+        assert code == 1
+        assert "run `cartd db upgrade`" in err, command
     code, _, err = run_cartd(capsys, "db", "downgrade", "no-such-revision")
     assert code == 1
     assert "no-such-revision" in err

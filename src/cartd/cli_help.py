@@ -217,6 +217,6 @@ Examples:
 
 Exit status:
   0  consistent (or everything was repaired)
-  1  disagreements remain
+  1  disagreements remain, or the database is unusable (unreachable, schema not current)
   2  the volume is in use by a running cartd
 """
