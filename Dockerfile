@@ -1,23 +1,46 @@
-# Build a wheel set from the lock, then run cartd as a non-root user on a slim image.
+# cartd's image. The build stage installs cartd and its dependencies, pinned by the committed
+# lock (requirements/constraints.txt), into a virtualenv; the final stage copies only that
+# virtualenv onto a clean slim base and runs it as a non-root user.
+#
+#   docker build -t cartd .
+#   docker run -p 8081:8081 -v cartd-cache:/srv/cartd/volume -v /data:/srv/archive:ro cartd
+#
+# compose.yaml runs it with MariaDB and the reference archive interface. The entrypoint
+# (docker/entrypoint.sh) runs `cartd db upgrade`, then `cartd serve`; any other arguments
+# run that cartd command instead (`docker run cartd config show`).
+
 FROM python:3.11-slim AS build
+RUN python -m venv /opt/cartd
 WORKDIR /src
-COPY pyproject.toml README.md requirements/constraints.txt ./
-COPY src ./src
-COPY alembic ./alembic
-RUN pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt .
+COPY requirements/constraints.txt requirements/constraints.txt
+COPY pyproject.toml README.md ./
+COPY alembic alembic
+COPY src src
+RUN /opt/cartd/bin/pip install --no-cache-dir --disable-pip-version-check \
+        -c requirements/constraints.txt .
 
 FROM python:3.11-slim
-RUN useradd --system --uid 1000 --home-dir /srv/cartd cartd \
- && mkdir -p /srv/cartd/volume /srv/archive && chown -R cartd /srv/cartd
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links /wheels cartd && rm -rf /wheels
-USER cartd
-WORKDIR /srv/cartd
-ENV CARTD_HOST=0.0.0.0 \
+RUN groupadd --system --gid 10001 cartd \
+ && useradd --system --uid 10001 --gid cartd --home-dir /srv/cartd --no-create-home cartd \
+ && mkdir -p /srv/cartd/volume /srv/cartd/db \
+ && chown cartd:cartd /srv/cartd/volume /srv/cartd/db
+COPY --from=build /opt/cartd /opt/cartd
+COPY --chmod=755 docker/entrypoint.sh /usr/local/bin/cartd-entrypoint
+# Defaults for a lone `docker run`: SQLite in its own volume, files from a mounted directory.
+# compose.yaml overrides the database and the archive.
+ENV PATH=/opt/cartd/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    CARTD_HOST=0.0.0.0 \
     CARTD_PORT=8081 \
-    VOLUME_PATH=/srv/cartd/volume \
-    ARCHIVE_INTERFACE_URL=file:///srv/archive
-VOLUME ["/srv/cartd/volume"]
+    CARTD_DATABASE_URL=sqlite+aiosqlite:////srv/cartd/db/cartd.db \
+    CARTD_VOLUME_PATH=/srv/cartd/volume \
+    CARTD_ARCHIVE_INTERFACE_URL=file:///srv/archive
+USER 10001:10001
+WORKDIR /srv/cartd
+# The cache (staged files) and the SQLite database outlive the container.
+VOLUME ["/srv/cartd/volume", "/srv/cartd/db"]
 EXPOSE 8081
-HEALTHCHECK CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8081/', timeout=3)"
-CMD ["cartd", "serve"]
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+  CMD ["cartd", "healthcheck"]
+ENTRYPOINT ["cartd-entrypoint"]
+CMD ["serve"]

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -284,3 +285,19 @@ def entry(file_id: str | int, path: str, data: bytes, hashtype: str = "sha1") ->
         "hashtype": hashtype,
         "hashsum": hashlib.new(hashtype, data).hexdigest(),
     }
+
+
+def run_cartd(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """`cartd ARGV` in this process: (exit status, stdout, stderr).  A command as a process
+    costs ~1.5 s of imports; tests that need the real process (signals, exec) start one."""
+    from cartd.cli import main
+
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+    out, err = capsys.readouterr()
+    return code, out, err

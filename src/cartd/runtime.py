@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cartd.archive import Archive, open_archive
 from cartd.cache import Cache
-from cartd.db.migrate import upgrade
+from cartd.db.migrate import SchemaState, prepare
 from cartd.db.session import (
     SessionFactory,
     create_engine,
@@ -45,14 +45,15 @@ class Runtime:
 
 @asynccontextmanager
 async def running(settings: Settings) -> AsyncIterator[Runtime]:
-    """Connect, migrate, reconcile the volume, start the worker, the cache policy and the
-    progress recorder; undo it all on exit."""
+    """Connect, apply the schema policy (db/migrate.py), reconcile the volume, start the
+    worker, the cache policy and the progress recorder; undo it all on exit."""
     engine = create_engine(settings)
     archive = open_archive(settings)
     try:
         await wait_for_database(engine, settings)
-        if settings.auto_migrate:
-            await upgrade(engine)
+        schema = await prepare(engine, settings.auto_migrate)
+        if schema.state is not SchemaState.CURRENT:
+            log.info("database schema upgraded: %s -> %s", schema.revision or "empty", schema.head)
         sessions = create_session_factory(engine)
         volume = Volume(settings.volume_path)
         await recover(sessions, volume)

@@ -7,6 +7,7 @@ existing deployments set them.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -75,7 +76,8 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", validation_alias=_aliases("HOST"))
     port: int = Field(8081, ge=0, le=65535, validation_alias=_aliases("PORT"))
-    auto_migrate: bool = Field(True, validation_alias=_aliases("AUTO_MIGRATE"))
+    # An empty database is always initialised; this upgrades one that is behind (db/migrate.py).
+    auto_migrate: bool = Field(False, validation_alias=_aliases("AUTO_MIGRATE"))
     fetch_concurrency: int = Field(8, ge=1, le=256, validation_alias=_aliases("FETCH_CONCURRENCY"))
     max_files_per_cart: int = Field(100_000, ge=1, validation_alias=_aliases("MAX_FILES_PER_CART"))
     max_request_bytes: int = Field(
@@ -135,3 +137,22 @@ class Settings(BaseSettings):
         if urlsplit(value).scheme not in {"http", "https", "file"}:
             raise ValueError("ARCHIVE_INTERFACE_URL must be an http(s):// or file: URL")
         return value
+
+
+def env_names(field: str) -> tuple[str, ...]:
+    """The environment variables that set `field`, in order of precedence."""
+    alias = Settings.model_fields[field].validation_alias
+    assert isinstance(alias, AliasChoices)
+    return tuple(str(choice) for choice in alias.choices)
+
+
+def env_sources() -> dict[str, str]:
+    """Which variable set each field that the environment sets (as Settings() picks it, case
+    ignored), so `cartd config show` can tell an operator where a value came from."""
+    present = {name.lower(): name for name in os.environ}
+    sources: dict[str, str] = {}
+    for field in Settings.model_fields:
+        found = [present[name.lower()] for name in env_names(field) if name.lower() in present]
+        if found:
+            sources[field] = found[0]
+    return sources

@@ -8,11 +8,13 @@ row instead of overwriting newer state.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, exists, func, insert, select, update
+from sqlalchemy import and_, bindparam, case, exists, func, insert, select, text, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cartd.db.models import Cart, CartFile, CartState, FileState
@@ -491,3 +493,23 @@ async def restage_files(session: AsyncSession, file_ids: Sequence[int]) -> None:
         .where(CartFile.id.in_(file_ids))
         .values(state=FileState.WAITING, bytes_staged=0, updated_at=now)
     )
+
+
+@contextmanager
+def schema_lock(connection: Connection, timeout: int = 600) -> Iterator[None]:
+    """Hold a MariaDB named lock (one per database) while the schema is checked and changed,
+    so replicas starting together migrate one after the other: DDL commits implicitly, so
+    no transaction can serialise them.  SQLite serves one host's processes: no lock."""
+    if connection.dialect.name != "mysql":
+        yield
+        return
+    name = "CONCAT('cartd_schema.', DATABASE())"
+    acquired = connection.execute(
+        text(f"SELECT GET_LOCK({name}, :timeout)"), {"timeout": timeout}
+    ).scalar()
+    if acquired != 1:
+        raise TimeoutError(f"another cartd held the schema lock for {timeout}s")
+    try:
+        yield
+    finally:
+        connection.execute(text(f"SELECT RELEASE_LOCK({name})"))
