@@ -10,7 +10,9 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from cartd import __version__
-from cartd.api import carts, errors, events
+from cartd.api import carts, errors, events, ops
+from cartd.api.access import AccessLog
+from cartd.metrics import Metrics
 from cartd.runtime import running
 from cartd.schemas import CartRequest
 from cartd.settings import Settings
@@ -19,12 +21,13 @@ from cartd.volume_lock import exclusive
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    metrics = Metrics()  # this app's own registry: apps in one process never share counts
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # One cartd per volume: recovery and fsck delete what they do not own.
         with exclusive(settings.volume_path):
-            async with running(settings) as runtime:
+            async with running(settings, metrics) as runtime:
                 app.state.runtime = runtime
                 yield
 
@@ -36,6 +39,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    app.add_middleware(AccessLog, metrics=metrics)
+    app.include_router(ops.router)  # before the carts: GET /metrics is not a cart download
     app.include_router(carts.router)
     app.include_router(events.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
@@ -46,7 +51,11 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's document plus the cart body schema, which the POST route parses by hand."""
     if app.openapi_schema is None:
         document = get_openapi(
-            title=app.title, version=app.version, description=app.description, routes=app.routes
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+            servers=app.servers or None,  # FastAPI adds the root path here behind a proxy
         )
         cart = CartRequest.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas = document.setdefault("components", {}).setdefault("schemas", {})

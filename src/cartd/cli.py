@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from cartd import admin, fsck, server
+from cartd import admin, fsck, logs, server
 from cartd.app import create_app
 from cartd.db.migrate import upgrade
 from cartd.db.session import (
@@ -26,9 +25,10 @@ T = TypeVar("T")
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> None:
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    settings = settings.model_copy(update=overrides)
-    server.serve(create_app(settings), settings, args.log_level)
+    given = (("host", args.host), ("port", args.port), ("root_path", args.root_path))
+    overrides = {k: v for k, v in given if v is not None}
+    settings = Settings(**{**settings.model_dump(), **overrides})  # validates --root-path
+    server.serve(create_app(settings), settings, settings.log_level)
 
 
 def _fsck(args: argparse.Namespace, settings: Settings) -> None:
@@ -93,7 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default 127.0.0.1, CARTD_HOST)")
     serve.add_argument("--port", type=int, help="listen port (default 8081, CARTD_PORT)")
     serve.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="log level (default info, CARTD_LOG_LEVEL)",
+    )
+    serve.add_argument(
+        "--root-path", help="path prefix a reverse proxy serves cartd under (CARTD_ROOT_PATH)"
     )
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True)
@@ -123,12 +128,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     settings = Settings()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # httpx logs every archive request at INFO: three lines per staged file is noise, and
-    # formatting them costs real CPU on carts of many small files.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if getattr(args, "log_level", None):
+        settings = settings.model_copy(update={"log_level": args.log_level})
+    logs.configure(settings.log_format, settings.log_level)
     if args.command == "serve":
         args.handler(args, settings)
         return
