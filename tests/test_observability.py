@@ -46,6 +46,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 # Every label any cartd series may carry; none of them can hold a cart id.
 LABELS = {"state", "verb", "outcome", "reason", "format", "kind", "method", "route", "status"}
 LABELS |= {"le", "version"}  # histogram buckets, build info
+OPENMETRICS = "application/openmetrics-text"
 
 
 def scrape(client: httpx.Client) -> Samples:
@@ -125,6 +126,9 @@ def test_metric_labels_stay_bounded(service: Service, archive: ArchiveServer) ->
     assert routes <= {"/{cart_id}", "/{cart_id}/status", "unmatched", "/metrics"}, routes
     assert "/{cart_id}" in routes
     assert "unmatched" in routes
+    openmetrics = service.client.get("/metrics", headers={"Accept": OPENMETRICS})
+    assert openmetrics.headers["content-type"].startswith(OPENMETRICS)
+    assert openmetrics.text.endswith("# EOF\n")
     methods = {dict(ls)["method"] for n, ls in samples if n == "cartd_http_requests_total"}
     assert "other" in methods
     assert "PROPFIND" not in methods

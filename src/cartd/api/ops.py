@@ -11,7 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 from pydantic import BaseModel
 
 from cartd import health, scrape
@@ -66,12 +66,25 @@ async def readyz(runtime: RuntimeDep) -> Response:
     return JSONResponse({"message": "ready", "checks": summary})
 
 
+_EXPOSITION = {"schema": {"type": "string"}}
+
+
 @router.get(
     "/metrics",
-    summary="Prometheus metrics (text exposition format)",
+    summary="Prometheus metrics: text format 0.0.4, or OpenMetrics when the Accept header asks",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+    responses={
+        200: {
+            "description": "Every cartd series (see the README's Observability section)",
+            "content": {
+                "text/plain; version=0.0.4; charset=utf-8": _EXPOSITION,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8": _EXPOSITION,
+            },
+        }
+    },
 )
-async def metrics(runtime: RuntimeDep) -> Response:
+async def metrics(request: Request, runtime: RuntimeDep) -> Response:
     await scrape.collect_state(runtime)
-    return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    # prometheus_client's own negotiation, as its ASGI app does.
+    encode, content_type = choose_encoder(request.headers.get("accept", ""))
+    return Response(encode(runtime.metrics.registry), headers={"Content-Type": content_type})
