@@ -24,7 +24,8 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 # httpx logs every archive request at INFO: three lines per staged file is noise, and
 # formatting them costs real CPU on carts of many small files.
-QUIET = {"httpx": logging.WARNING, "httpcore": logging.WARNING}
+# aiosqlite logs every statement at DEBUG, which drowns cartd's own debug lines.
+QUIET = {"httpx": logging.WARNING, "httpcore": logging.WARNING, "aiosqlite": logging.INFO}
 
 
 def bind(**values: Any) -> None:

@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from prometheus_client import Counter
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -39,7 +40,7 @@ def request_id(headers: Headers) -> str:
 class _Outcome:
     status: int = 500  # what the client got if the app raised before answering
     sent: int = 0
-    bundle: str | None = None
+    served: Counter | None = None  # the bundle format's byte counter, for a download
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -61,12 +62,13 @@ class AccessLog:
                 outcome.status = message["status"]
                 headers = MutableHeaders(scope=message)
                 headers[REQUEST_ID] = rid
-                outcome.bundle = _BUNDLES.get(headers.get("content-type", ""))
+                if fmt := _BUNDLES.get(headers.get("content-type", "")):
+                    outcome.served = self.metrics.bytes_served.labels(fmt)
             elif message["type"] == "http.response.body":
                 size = len(message.get("body", b""))
                 outcome.sent += size
-                if outcome.bundle:
-                    self.metrics.bytes_served.labels(outcome.bundle).inc(size)
+                if outcome.served is not None:
+                    outcome.served.inc(size)
             await send(message)
 
         try:
