@@ -32,6 +32,7 @@ from conftest import (
     FAST,
     MARIADB,
     MTIME,
+    MakeService,
     Service,
     ServiceThread,
     assert_error,
@@ -106,6 +107,40 @@ def test_metrics_follow_staging_downloads_and_faults(
     space = {kind: total(after, "cartd_cache_bytes", kind=kind) for kind in ("used", "free")}
     assert 0 < space["used"] + space["free"] <= total(after, "cartd_cache_bytes", kind="total")
     assert total(after, "cartd_cache_bytes", kind="reserved") == 0
+
+
+def test_state_gauges_show_the_queue_while_files_sit_on_tape(
+    make_service: MakeService, archive: ArchiveServer
+) -> None:
+    service = make_service(fetch_concurrency=1)
+    fileids = []
+    for index in range(3):
+        archive.add_file(f"tape-{index}", b"t", mtime=MTIME, tape_delay=120)
+        fileids.append(entry(f"tape-{index}", f"t{index}", b"t"))
+    assert service.post("obs-tape", fileids).status_code == 201
+    expected = {"cartd_fetches_in_flight": 1, "cartd_queue_depth": 2, "cartd_carts": 1}
+
+    def gauges() -> dict[str, float]:
+        samples = scrape(service.client)
+        found = {name: total(samples, name) for name in expected}
+        found["cartd_carts"] = total(samples, "cartd_carts", state="staging")
+        return found
+
+    wait_for(lambda: gauges() == expected, "one fetch polling the tape, two files queued")
+    assert service.client.delete("/obs-tape").status_code == 200
+    wait_for(lambda: set(gauges().values()) == {0}, "the queue to empty")
+
+
+def test_expiry_counts_as_an_eviction(make_service: MakeService, archive: ArchiveServer) -> None:
+    service = make_service(cart_ttl=0.2, cache_check_interval=0.1)
+    archive.add_file("ttl-0", b"ttl", mtime=MTIME)
+    assert service.post("obs-ttl", [entry("ttl-0", "f", b"ttl")]).status_code == 201
+
+    def evictions() -> float:
+        return total(scrape(service.client), "cartd_evictions_total", reason="expired")
+
+    wait_for(lambda: evictions() == 1, "the cart to expire")
+    assert service.state("obs-ttl")[0] == 404
 
 
 def test_metric_labels_stay_bounded(service: Service, archive: ArchiveServer) -> None:
