@@ -8,9 +8,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from cartd import __version__
-from cartd.api import carts, errors, events, openapi
+from cartd.api import carts, errors, events, openapi, ops
+from cartd.api.access import AccessLog
 from cartd.api.auth import authenticator
 from cartd.api.peer import RealPeer
+from cartd.metrics import Metrics
 from cartd.runtime import running
 from cartd.settings import Settings
 from cartd.volume_lock import exclusive
@@ -18,12 +20,13 @@ from cartd.volume_lock import exclusive
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    metrics = Metrics()  # this app's own registry: apps in one process never share counts
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # One cartd per volume: recovery and fsck delete what they do not own.
         with exclusive(settings.volume_path):
-            async with running(settings) as runtime:
+            async with running(settings, metrics) as runtime:
                 app.state.runtime = runtime
                 yield
 
@@ -38,7 +41,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     # Before serving anything: a bad token file or proxy list must stop start-up.
     app.state.authenticator = authenticator(settings)
+    app.add_middleware(AccessLog, metrics=metrics)
+    # Outermost, so the access log and everything inside see the forwarded client.
     app.add_middleware(RealPeer, trusted_proxies=settings.trusted_proxies)
+    app.include_router(ops.router)  # before the carts: GET /metrics is not a cart download
     app.include_router(carts.router)
     app.include_router(events.router)
     app.openapi = lambda: openapi.document(app)  # type: ignore[method-assign]

@@ -21,6 +21,7 @@ from cartd.db import store
 from cartd.db.models import Cart
 from cartd.db.session import SessionFactory
 from cartd.db.store import CartUsage
+from cartd.metrics import Metrics
 from cartd.settings import Settings, parse_amount
 from cartd.volume import Volume
 
@@ -49,10 +50,17 @@ def _on_disk(usage: CartUsage) -> int:
 
 
 class Cache:
-    def __init__(self, sessions: SessionFactory, volume: Volume, settings: Settings) -> None:
+    def __init__(
+        self,
+        sessions: SessionFactory,
+        volume: Volume,
+        settings: Settings,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.sessions = sessions
         self.volume = volume
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self._lock = asyncio.Lock()
         self._held: dict[int, Reservation] = {}
         self._cart_bytes: dict[int, int] = {}  # sizes seen per cart, for the early refusal
@@ -65,8 +73,11 @@ class Cache:
 
     def free(self) -> int:
         """Free bytes that no fetch has already promised itself."""
-        outstanding = sum(r.outstanding for r in self._held.values())
-        return self._disk()[1] - outstanding
+        return self._disk()[1] - self.reserved()
+
+    def reserved(self) -> int:
+        """Bytes promised to fetches in flight and not written yet."""
+        return sum(r.outstanding for r in self._held.values())
 
     async def reserve(self, key: int, cart_id: int, size: int) -> Reservation:
         """Promise `size` bytes to one fetch, evicting LRU carts if that can make room.
@@ -128,12 +139,14 @@ class Cache:
             if not await store.mark_deleted(session, usage.cart_id, reason, *unused):
                 return False
         await self.volume.remove_cart(usage.cart_id)
+        self.metrics.evictions.labels(reason).inc()
         log.info(
             "cart %s %s (LRU): %d bytes freed, last used %.0fs ago",
             usage.uid,
             reason,
             usage.bytes,
             time.time() - usage.last_used_at,
+            extra={"cart_id": usage.uid},
         )
         return True
 
@@ -162,7 +175,8 @@ class Cache:
             if self.cancel_fetches is not None:
                 await self.cancel_fetches(cart_id)
             await self.volume.remove_cart(cart_id)
-            log.info("cart %s expired and was deleted", uid)
+            self.metrics.evictions.labels("expired").inc()
+            log.info("cart %s expired and was deleted", uid, extra={"cart_id": uid})
         return len(expired)
 
     async def run(self) -> None:

@@ -39,8 +39,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
     from cartd.db import migrate
     from cartd.db.migrate import SchemaMismatch, SchemaState
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    settings = settings.model_copy(update=overrides)
+    given = (("host", args.host), ("port", args.port), ("root_path", args.root_path))
+    overrides = {k: v for k, v in given if v is not None}
+    settings = Settings(**{**settings.model_dump(), **overrides})  # validates --root-path
     try:
         schema = asyncio.run(
             _with_engine(settings, lambda e: migrate.prepare(e, settings.auto_migrate))
@@ -55,7 +56,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
         app = create_app(settings)
     except AuthConfigError as exc:  # the operator's fix is in the message, not a traceback
         raise SystemExit(f"cartd serve: {exc}") from None
-    server.serve(app, settings, args.log_level)
+    server.serve(app, settings, settings.log_level)
 
 
 def _openapi(args: argparse.Namespace, settings: Settings) -> None:
@@ -210,7 +211,12 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--host", help="listen address (default: CARTD_HOST, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default: CARTD_PORT, 8081)")
     serve.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="log level (default info, CARTD_LOG_LEVEL)",
+    )
+    serve.add_argument(
+        "--root-path", help="path prefix a reverse proxy serves cartd under (CARTD_ROOT_PATH)"
     )
     serve.set_defaults(handler=_serve)
     check = _command(
@@ -334,16 +340,13 @@ def _settings() -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from cartd import logs
+
     args = parser().parse_args(argv)
     settings = _settings()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # httpx logs every archive request at INFO: three lines per staged file is noise, and
-    # formatting them costs real CPU on carts of many small files.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    # Alembic announces its dialect on every schema check; cartd logs what changed instead.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    if getattr(args, "log_level", None):
+        settings = settings.model_copy(update={"log_level": args.log_level})
+    logs.configure(settings.log_format, settings.log_level)
     if args.command == "serve":
         args.handler(args, settings)
         return

@@ -33,12 +33,16 @@ class Backoff:
 
 
 async def retry_transient(
-    operation: Callable[[], Awaitable[T]], backoff: Backoff, give_up_after: float
+    operation: Callable[[], Awaitable[T]],
+    backoff: Backoff,
+    give_up_after: float,
+    on_retry: Callable[[], object] = lambda: None,
 ) -> T:
     """Run `operation`, retrying TransientArchiveError until `give_up_after` seconds pass.
 
     Giving up turns the last transient error into a file error whose text says for how long
-    the archive kept failing, so the cart's message explains itself.
+    the archive kept failing, so the cart's message explains itself.  `on_retry` runs before
+    each repeat (the metrics count them).
     """
     started = time.monotonic()
     next_delay = backoff.delays()
@@ -56,3 +60,4 @@ async def retry_transient(
             # The last wait is cut to the deadline and followed by one more try, so the
             # archive gets the whole configured time, not up to one backoff less.
             await asyncio.sleep(min(next_delay(), give_up_after - elapsed))
+            on_retry()

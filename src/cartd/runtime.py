@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cartd.archive import Archive, open_archive
+from cartd.archive.metered import MeteredArchive
 from cartd.cache import Cache
 from cartd.db.migrate import SchemaState, prepare
 from cartd.db.session import (
@@ -22,6 +23,7 @@ from cartd.db.session import (
     create_session_factory,
     wait_for_database,
 )
+from cartd.metrics import Metrics
 from cartd.progress import ProgressRecorder
 from cartd.recovery import recover
 from cartd.settings import Settings
@@ -41,14 +43,16 @@ class Runtime:
     volume: Volume
     cache: Cache
     worker: Worker
+    metrics: Metrics
 
 
 @asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Runtime]:
+async def running(settings: Settings, metrics: Metrics | None = None) -> AsyncIterator[Runtime]:
     """Connect, apply the schema policy (db/migrate.py), reconcile the volume, start the
     worker, the cache policy and the progress recorder; undo it all on exit."""
+    metrics = metrics or Metrics()
     engine = create_engine(settings)
-    archive = open_archive(settings)
+    archive = MeteredArchive(open_archive(settings), metrics)
     try:
         await wait_for_database(engine, settings)
         schema = await prepare(engine, settings.auto_migrate)
@@ -57,8 +61,8 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
         sessions = create_session_factory(engine)
         volume = Volume(settings.volume_path)
         await recover(sessions, volume)
-        cache = Cache(sessions, volume, settings)
-        stager = Stager(archive, volume, cache, settings)
+        cache = Cache(sessions, volume, settings, metrics)
+        stager = Stager(archive, volume, cache, settings, metrics)
         worker = Worker(sessions, stager, settings.fetch_concurrency)
         cache.cancel_fetches = worker.cancel_cart
         worker.start()
@@ -68,7 +72,7 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
             asyncio.create_task(progress.run(), name="cartd-progress"),
         ]
         try:
-            yield Runtime(settings, engine, sessions, archive, volume, cache, worker)
+            yield Runtime(settings, engine, sessions, archive, volume, cache, worker, metrics)
         finally:
             for loop in loops:
                 loop.cancel()

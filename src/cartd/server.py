@@ -7,6 +7,16 @@ grace period, so a long download would hold the old process busy with work that 
 replacement process is about to start again.  Stopping the worker first means SIGTERM stops
 taking work at once.  Its fetches in flight are cancelled: their `.part` files are removed
 and their rows stay `staging`, which the next start-up requeues, so staging resumes.
+
+Behind a reverse proxy, X-Forwarded-For and X-Forwarded-Proto are believed only from
+CARTD_TRUSTED_PROXIES, so the client address in the logs and the scheme of the URLs cartd
+builds are the real ones.  The app applies them itself (cartd.api.peer) rather than uvicorn,
+because CARTD_AUTH=proxy must judge the real peer before it is rewritten.
+CARTD_ROOT_PATH is the prefix the proxy strips, which uvicorn puts
+back into every URL cartd builds (Location, the docs page, the OpenAPI `servers`).
+
+Logging is cartd's (logs.py): uvicorn installs no handlers of its own and writes no access
+log, since the AccessLog middleware writes one in cartd's format.
 """
 
 from __future__ import annotations
@@ -47,6 +57,9 @@ def serve(app: FastAPI, settings: Settings, log_level: str) -> None:
         host=settings.host,
         port=settings.port,
         log_level=log_level,
+        log_config=None,
+        root_path=settings.root_path,
+        access_log=False,
         timeout_graceful_shutdown=settings.shutdown_grace,
         # The app applies X-Forwarded-* from CARTD_TRUSTED_PROXIES itself (cartd.api.peer),
         # after noting the real peer that CARTD_AUTH=proxy must judge.

@@ -124,11 +124,35 @@ class Settings(BaseSettings):
     auth: Literal["none", "token", "proxy"] = Field("none", validation_alias=_aliases("AUTH"))
     auth_tokens_file: Path | None = Field(None, validation_alias=_aliases("AUTH_TOKENS_FILE"))
     auth_header: str = Field("X-Remote-User", validation_alias=_aliases("AUTH_HEADER"))
+    # Observability: log format and level, and how long /readyz waits for each check.
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", validation_alias=_aliases("LOG_FORMAT")
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", validation_alias=_aliases("LOG_LEVEL")
+    )
+    ready_timeout: float = Field(2.0, gt=0, validation_alias=_aliases("READY_TIMEOUT"))
+    # Behind a reverse proxy: the path prefix it serves cartd under (see trusted_proxies).
+    root_path: str = Field("", validation_alias=_aliases("ROOT_PATH"))
 
     @field_validator("cache_low_watermark", "cache_high_watermark")
     @classmethod
     def _size_or_percent(cls, value: str) -> str:
         parse_amount(value, total=1)  # raises ValueError with a clear message
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("root_path")
+    @classmethod
+    def _path_prefix(cls, value: str) -> str:
+        """`/cartd/` and `/cartd` mean the same prefix; anything not starting with / is a typo."""
+        value = value.rstrip("/")
+        if value and not value.startswith("/"):
+            raise ValueError("ROOT_PATH must be empty or start with / (e.g. /cartd)")
         return value
 
     @field_validator("archive_interface_url")

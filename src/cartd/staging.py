@@ -19,6 +19,7 @@ from cartd.archive import Archive, ArchiveFileError, FileInfo, Media, TransientA
 from cartd.cache import NO_SPACE, Cache, NoSpace, Reservation
 from cartd.checksums import Checksums, Hasher
 from cartd.db.store import FileJob
+from cartd.metrics import Metrics
 from cartd.retry import Backoff, retry_transient
 from cartd.settings import Settings
 from cartd.volume import Volume, commit_file
@@ -38,16 +39,27 @@ class Staged:
 class Stager:
     """Holds the archive, volume and timing policy that every file fetch shares."""
 
-    def __init__(self, archive: Archive, volume: Volume, cache: Cache, settings: Settings) -> None:
+    def __init__(
+        self,
+        archive: Archive,
+        volume: Volume,
+        cache: Cache,
+        settings: Settings,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.archive = archive
         self.volume = volume
         self.cache = cache
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.backoff = Backoff(settings.retry_initial, settings.retry_max)
 
     async def _retry(self, operation: Callable[[], Any]) -> Any:
         return await retry_transient(
-            operation, self.backoff, self.settings.archive_unreachable_timeout
+            operation,
+            self.backoff,
+            self.settings.archive_unreachable_timeout,
+            self.metrics.retries.inc,
         )
 
     async def bring_online(self, job: FileJob) -> FileInfo:
@@ -91,8 +103,10 @@ class Stager:
             sums = await self._retry(lambda: self._transfer(job, info, part, reservation))
             if sums.requested == job.hashsum.lower():
                 await asyncio.to_thread(commit_file, part, final, info.mtime)
+                self.metrics.file_staged(info.size)
                 return Staged(size=info.size, mtime=info.mtime, checksums=sums)
             part.unlink(missing_ok=True)
+            self.metrics.checksum_failures.inc()
             log.warning("checksum mismatch on %s (attempt %d)", job.archive_id, attempt)
         raise ArchiveFileError(HASH_MISMATCH)
 

@@ -19,6 +19,7 @@ from typing import TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from cartd import logs
 from cartd.archive import ArchiveFileError
 from cartd.db import store
 from cartd.db.group_commit import GroupCommit
@@ -66,6 +67,11 @@ class Worker:
         """The outcome writes' shared transactions; progress writes join them, so the two
         never take the same file rows in opposite orders (a MariaDB deadlock)."""
         return self._commits
+
+    @property
+    def in_flight(self) -> int:
+        """Fetches running now (a metric)."""
+        return len(self._tasks)
 
     @property
     def alive(self) -> bool:
@@ -130,6 +136,7 @@ class Worker:
         self.wake()
 
     async def _process(self, job: FileJob) -> None:
+        logs.bind(cart_id=job.cart_uid, file=job.archive_id)  # this task's log lines only
         try:
             info = await self.stager.bring_online(job)
             if info.size > self.stager.settings.transfer_size:  # worth showing progress for

@@ -13,11 +13,12 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from cartd import bundle, carts, downloads
+from cartd import bundle, carts, downloads, logs
 from cartd.api import examples, formats, openapi, ranges
 from cartd.api.auth import Owner
 from cartd.api.errors import error_response, header_text
 from cartd.api.openapi import INTERNAL, error, head_error, header
+from cartd.api.ops import RESERVED_CART_IDS
 from cartd.db.deadlock import retry_deadlocks
 from cartd.db.models import CartState
 from cartd.runtime import Runtime
@@ -38,7 +39,7 @@ def _runtime(request: Request) -> Runtime:
     return runtime
 
 
-def _cart_id(
+async def _cart_id(
     cart_id: Annotated[
         str,
         PathParam(
@@ -58,6 +59,7 @@ def _cart_id(
             f"invalid cart id {cart_id[:140]!r}: use 1-128 characters "
             "from [A-Za-z0-9._~-], not '.' or '..'",
         )
+    logs.bind(cart_id=cart_id)  # async, so it binds in the request's own context
     return cart_id
 
 
@@ -150,6 +152,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
 async def create_cart(
     owner: Owner, cart_id: CartId, request: Request, runtime: RuntimeDep
 ) -> Response:
+    if cart_id in RESERVED_CART_IDS:
+        return error_response(400, f"cart id {cart_id!r} is reserved for GET /{cart_id}")
     body = await _read_body(request, runtime.settings.max_request_bytes)
     try:
         settings = runtime.settings

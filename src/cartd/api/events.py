@@ -148,7 +148,17 @@ async def _stream(watch: _Watch, first: CartStatus) -> AsyncIterator[bytes]:
             },
             "content": {
                 "text/event-stream": {
-                    "schema": {"type": "string"},
+                    # Before OpenAPI 3.2 (itemSchema), `schema` describes each event.
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "event": {"type": "string", "enum": ["status", "deleted"]},
+                            "id": {"type": "string"},
+                            "retry": {"type": "integer"},
+                            "data": {"type": "string", "description": "The status as JSON"},
+                        },
+                        "required": ["event", "id", "data"],
+                    },
                     "example": 'event: status\nid: 1\nretry: 2000\ndata: {"cart_id": '
                     '"my-cart", "state": "staging", "bytes_staged": 1024, ...}\n\n',
                 }

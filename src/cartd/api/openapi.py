@@ -36,7 +36,7 @@ unchanged.  Operations marked "beyond 0.7.0" are additions old clients never see
 TAGS = [
     {"name": "carts", "description": "The pacifica-cartd 0.7.0 verbs on a cart."},
     {"name": "progress", "description": "Beyond 0.7.0: detailed and live staging progress."},
-    {"name": "service", "description": "The service itself."},
+    {"name": "service", "description": "The service itself: health, readiness, metrics."},
 ]
 
 

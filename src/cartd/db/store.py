@@ -34,6 +34,7 @@ class FileJob:
     archive_id: str
     hashtype: str
     hashsum: str
+    cart_uid: str = ""  # the client's cart id, for log lines
 
 
 @dataclass(frozen=True)
@@ -232,17 +233,15 @@ async def claim_files(session: AsyncSession, limit: int) -> list[FileJob]:
     scanned.  A DELETE racing this claim is settled by the worker, which drops jobs of
     carts it was told to cancel.
     """
-    live = (
+    live = dict(
         (
             await session.execute(
-                select(Cart.id)
+                select(Cart.id, Cart.uid)
                 .where(Cart.state.in_(LIVE_CART_STATES))
                 .order_by(Cart.id)
                 .limit(CLAIM_CARTS)
             )
-        )
-        .scalars()
-        .all()
+        ).all()
     )
     if not live:
         return []
@@ -255,7 +254,7 @@ async def claim_files(session: AsyncSession, limit: int) -> list[FileJob]:
                 CartFile.hashtype,
                 CartFile.hashsum,
             )
-            .where(CartFile.state == FileState.WAITING, CartFile.cart_id.in_(live))
+            .where(CartFile.state == FileState.WAITING, CartFile.cart_id.in_(list(live)))
             .order_by(CartFile.cart_id, CartFile.position)
             .limit(limit)
         )
@@ -273,7 +272,7 @@ async def claim_files(session: AsyncSession, limit: int) -> list[FileJob]:
         .where(Cart.id.in_({r[1] for r in rows}), Cart.state == CartState.WAITING)
         .values(state=CartState.STAGING, updated_at=now)
     )
-    return [FileJob(*row) for row in rows]
+    return [FileJob(*row, cart_uid=live[row[1]]) for row in rows]
 
 
 async def record_size(session: AsyncSession, file_id: int, size: int, mtime: float) -> None:
@@ -513,3 +512,27 @@ def schema_lock(connection: Connection, timeout: int = 600) -> Iterator[None]:
         yield
     finally:
         connection.execute(text(f"SELECT RELEASE_LOCK({name})"))
+async def ping(session: AsyncSession) -> None:
+    """The cheapest statement that proves the database answers (readiness)."""
+    await session.execute(text("SELECT 1"))
+
+
+async def cart_counts(session: AsyncSession) -> dict[str, int]:
+    """Carts by state, deleted ones left out (they only accumulate)."""
+    query = (
+        select(Cart.state, func.count())
+        .where(Cart.state != CartState.DELETED)
+        .group_by(Cart.state)
+    )
+    return {state: count for state, count in (await session.execute(query)).all()}
+
+
+async def queue_depth(session: AsyncSession) -> int:
+    """Files of live carts that no fetch has claimed yet."""
+    query = (
+        select(func.count())
+        .select_from(CartFile)
+        .join(Cart, Cart.id == CartFile.cart_id)
+        .where(CartFile.state == FileState.WAITING, Cart.state.in_(LIVE_CART_STATES))
+    )
+    return int((await session.execute(query)).scalar_one())
