@@ -302,6 +302,12 @@ def test_entrypoint_upgrades_then_execs_cartd_serve(
         "Application startup complete"
     )
     assert f"Uvicorn running on http://0.0.0.0:{env['CARTD_PORT']}" in text
+    # The image's HEALTHCHECK command, in the image's environment, against the real service.
+    probe = subprocess.run(
+        ["cartd", "healthcheck"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert probe.returncode == 0, probe.stdout + probe.stderr
+    assert "200" in probe.stdout, probe.stdout
     # exec: the shell's process became `cartd serve`, so SIGTERM from the container runtime
     # reaches cartd itself and it shuts down gracefully (then ends by that signal).
     cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
