@@ -73,11 +73,24 @@ def formatter(fmt: str, stream: TextIO) -> logging.Formatter:
     return structlog.stdlib.ProcessorFormatter(foreign_pre_chain=pre_chain, processors=final)
 
 
+class _CurrentStderr(logging.StreamHandler[TextIO]):
+    """Writes to whatever `sys.stderr` is when a line is emitted, not when configured: a
+    caller that swaps stderr (a test runner's capture, a daemon redirect) and closes the old
+    one must not leave every later line failing with "I/O operation on closed file"."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        pass
+
+
 def configure(fmt: str, level: str, stream: TextIO | None = None) -> None:
     """Route every logger in the process through one handler with our formatter."""
-    stream = stream or sys.stderr
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(formatter(fmt, stream))
+    handler = logging.StreamHandler(stream) if stream else _CurrentStderr()
+    handler.setFormatter(formatter(fmt, stream or sys.stderr))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.captureWarnings(True)  # a DeprecationWarning is a log line too, not raw stderr
     for name, quiet in QUIET.items():
