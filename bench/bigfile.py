@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import FileIds, cartd, database, stage
+from harness import FileIds, cartd, fresh_database, stage
 
 TARGET = 0.9
 
@@ -41,7 +41,7 @@ def run(work: Path, archive_url: str, huge: FileIds) -> dict[str, Any]:
     url = archive_url + huge[0]["id"]
     bare_s = bare_get(url, work / "bare-huge")
     curl_s = curl_get(url, work / "curl-huge")
-    with database("sqlite", work) as db, cartd(db, work, archive_url) as service:
+    with fresh_database("sqlite", work) as db, cartd(db, work, archive_url) as service:
         cartd_s = stage(service, "huge", huge)
     ratio = bare_s / cartd_s
     return {

@@ -11,14 +11,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from harness import FileIds, best_rate, cartd, database, nginx, stage
+from harness import FileIds, best_rate, cartd, fresh_database, nginx, stage
 from sizes import Sizes
 
 TARGET = 0.7
 
 
 def run(work: Path, archive_url: str, big: FileIds, sizes: Sizes) -> dict[str, Any]:
-    with database("sqlite", work) as db, cartd(db, work, archive_url) as service:
+    with fresh_database("sqlite", work) as db, cartd(db, work, archive_url) as service:
         stage(service, "download", big)
         www = work / "www"
         www.mkdir(exist_ok=True)

@@ -33,7 +33,7 @@ from cartd_proc import Cartd, cartd_env  # noqa: E402
 from conftest import database, free_port  # noqa: E402
 from reference_archive import reference_archive  # noqa: E402
 
-__all__ = ["Cartd", "database", "free_port"]
+__all__ = ["Cartd", "free_port"]
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -151,24 +151,50 @@ def archive(kind: str, root: Path) -> Iterator[str]:
 def cartd(db_url: str, work: Path, archive_url: str, **overrides: str) -> Iterator[Cartd]:
     volume = work / f"volume-{time.monotonic_ns()}"
     env = cartd_env(db_url, volume, archive_url, **overrides)
+    if baseline := os.environ.get("BENCH_CARTD_SRC"):
+        env["PYTHONPATH"] = baseline  # another checkout's src/: before/after comparisons
     service = Cartd(env, work / "cartd.log").wait_up()
+    profiler = _profile(service.proc.pid)
     try:
         yield service
     finally:
-        service.terminate()
-        service.proc.wait(timeout=60)
+        service.terminate()  # graceful shutdown is not measured: give it a little while only
+        try:
+            service.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            service.kill()
         shutil.rmtree(volume, ignore_errors=True)
+        if profiler is not None:
+            profiler.wait(timeout=60)
+
+
+def _profile(pid: int) -> subprocess.Popen[bytes] | None:
+    """With BENCH_PROFILE=DIR, py-spy samples each cartd until it exits (collapsed stacks)."""
+    if not (where := os.environ.get("BENCH_PROFILE")):
+        return None
+    out = Path(where) / f"cartd-{pid}.txt"
+    argv = ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--nonblocking", "-o"]
+    return subprocess.Popen([*argv, str(out)], stdout=subprocess.DEVNULL)
 
 
 def post_cart(service: Cartd, cart_id: str, fileids: FileIds) -> None:
     service.client.post(f"/{cart_id}", json={"fileids": fileids}, timeout=300).raise_for_status()
 
 
+@contextlib.contextmanager
+def fresh_database(kind: str, work: Path) -> Iterator[str]:
+    """A database of its own for each service: no benchmark sees another's carts."""
+    place = work / f"db-{time.monotonic_ns()}"
+    place.mkdir()
+    with database(kind, place) as url:
+        yield url
+
+
 def wait_ready(service: Cartd, cart_id: str, timeout: float = 3600) -> None:
     deadline = time.monotonic() + timeout
     while (state := service.client.head(f"/{cart_id}").headers["X-Pacifica-Status"]) == "staging":
         if time.monotonic() > deadline:
-            raise RuntimeError(f"cart {cart_id} still staging after {timeout}s")
+            raise TimeoutError(f"cart {cart_id} still staging after {timeout}s")
         time.sleep(0.05)
     if state != "ready":
         raise RuntimeError(f"cart {cart_id} ended {state}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from harness import Cartd, FileIds, cartd, database, post_cart, stage, wrk
+from harness import Cartd, FileIds, cartd, fresh_database, post_cart, stage, wrk
 from sizes import Sizes
 
 TARGET_RPS = 3000
@@ -22,7 +22,7 @@ def _staging(service: Cartd) -> bool:
 
 
 def run(work: Path, archive_url: str, small: FileIds, db_kind: str, sizes: Sizes) -> dict[str, Any]:
-    with database(db_kind, work) as db, cartd(db, work, archive_url) as service:
+    with fresh_database(db_kind, work) as db, cartd(db, work, archive_url) as service:
         stage(service, "polled", small[:10])
         post_cart(service, "busy", small[: sizes.poll_files])
         url = f"{service.url}/polled"

@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from harness import FileIds, archive, cartd, database, stage, write_files
+from harness import FileIds, archive, cartd, fresh_database, stage, write_files
 from report import emit
 
 TARGET = 1.2
@@ -74,7 +74,7 @@ def matrix(
     rows = []
     with (
         archive(kind, root) as base,
-        database(db_kind, work) as db,
+        fresh_database(db_kind, work) as db,
         cartd(db, work, base, fetch_concurrency=str(CONCURRENCY)) as service,
     ):
         for count in counts:
@@ -102,7 +102,7 @@ def linearity(work: Path, root: Path, small: FileIds, counts: tuple[int, ...]) -
     seconds = {}
     with (
         archive("test", root) as base,
-        database("sqlite", work) as db,
+        fresh_database("sqlite", work) as db,
         cartd(db, work, base) as service,
     ):
         for count in counts:

@@ -3,10 +3,13 @@
     make bench                                   # the full suite (about 15-25 min on 2 cores)
     .venv/bin/python bench/suite.py [--only download,staging,bigfile,polling,memory]
         [--linearity 1000,10000,100000] [--staging-sizes 1000,10000]
-        [--databases sqlite,mariadb] [--archives test,reference] [--out-dir bench/results]
+        [--databases sqlite,mariadb] [--archives test,reference] [--set big_count=4 ...]
+        [--out-dir bench/results]
     .venv/bin/python bench/suite.py --smoke --out-dir DIR --no-plots   # seconds (CI)
 
 Every benchmark is a ratio against a reference measured in the same run, back to back.
+To compare two versions of cartd in one session, run it with BENCH_CARTD_SRC=OTHER/src
+(e.g. from `git archive REV src alembic | tar -x -C OTHER`), then without.
 """
 
 from __future__ import annotations
@@ -105,6 +108,12 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     for key in ("databases", "archives"):
         if getattr(args, key):
             sizes = dataclasses.replace(sizes, **{key: tuple(getattr(args, key).split(","))})
+    for setting in args.set:
+        key, _, value = setting.partition("=")
+        kind = type(getattr(sizes, key))
+        sizes = dataclasses.replace(
+            sizes, **{key: kind(float(value)) if kind is not str else value}
+        )
     return sizes
 
 
@@ -116,6 +125,9 @@ def main() -> None:
     parser.add_argument("--linearity", help="cart sizes for the linearity plot")
     parser.add_argument("--databases")
     parser.add_argument("--archives")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=N", help="any field of sizes.Sizes"
+    )
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args()

@@ -23,6 +23,7 @@ from cartd import progress
 from cartd.db import store
 from cartd.db.models import Cart, CartFile, CartState, FileState
 from cartd.db.session import SessionFactory
+from cartd.db.store import CartBrief
 from cartd.schemas import CartRequest, CartStatus, FileStatus
 from cartd.volume import Volume
 from cartd.worker import Worker
@@ -52,7 +53,7 @@ class Created:
     new: bool
 
 
-def parse_cart(body: bytes, max_files: int) -> CartRequest:
+def parse_cart(body: bytes | bytearray, max_files: int) -> CartRequest:
     """Decode and validate a POST body; every failure names what is wrong."""
     try:
         document = json.loads(body)
@@ -145,6 +146,23 @@ async def find_cart(sessions: SessionFactory, uid: str, *, touch: bool = False) 
     return cart
 
 
+async def head_status(readers: SessionFactory, sessions: SessionFactory, uid: str) -> CartBrief:
+    """HEAD's read: one SELECT on a reader connection; the LRU write only when it is due.
+
+    Pollers hit this thousands of times a second.  The read-only transaction never waits
+    for the writer, and the touch (at most once a second per cart) is skipped in Python
+    when the row just read shows it recent, instead of by an UPDATE matching no row.
+    """
+    async with readers() as session:
+        cart = await store.cart_brief(session, uid)
+    if cart is None:
+        raise CartNotFound(f"No cart with uid {uid} found")
+    if store.touch_due(cart.last_used_at, time.time()):
+        async with sessions.begin() as session:
+            await store.touch(session, cart.id)
+    return cart
+
+
 async def cart_status(sessions: SessionFactory, uid: str, *, files: bool = True) -> CartStatus:
     """The progress report; `files=False` skips the per-file rows (a 100,000-file cart)."""
     async with sessions.begin() as session:
@@ -199,7 +217,7 @@ def _totals_of(rows: Sequence[CartFile]) -> store.CartTotals:
     )
 
 
-async def retry_after(sessions: SessionFactory, cart: Cart) -> int:
+async def retry_after(sessions: SessionFactory, cart: Cart | CartBrief) -> int:
     """Seconds a HEAD poller should wait before asking about a staging cart again."""
     async with sessions.begin() as session:
         totals = await store.cart_totals(session, cart.id)

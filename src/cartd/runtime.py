@@ -19,6 +19,7 @@ from cartd.db.migrate import upgrade
 from cartd.db.session import (
     SessionFactory,
     create_engine,
+    create_read_engine,
     create_session_factory,
     wait_for_database,
 )
@@ -41,6 +42,7 @@ class Runtime:
     volume: Volume
     cache: Cache
     worker: Worker
+    readers: SessionFactory  # status reads that may run beside the writer (session.py)
 
 
 @asynccontextmanager
@@ -48,12 +50,14 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
     """Connect, migrate, reconcile the volume, start the worker, the cache policy and the
     progress recorder; undo it all on exit."""
     engine = create_engine(settings)
+    read_engine = create_read_engine(settings)
     archive = open_archive(settings)
     try:
         await wait_for_database(engine, settings)
         if settings.auto_migrate:
             await upgrade(engine)
         sessions = create_session_factory(engine)
+        readers = create_session_factory(read_engine) if read_engine else sessions
         volume = Volume(settings.volume_path)
         await recover(sessions, volume)
         cache = Cache(sessions, volume, settings)
@@ -67,7 +71,7 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
             asyncio.create_task(progress.run(), name="cartd-progress"),
         ]
         try:
-            yield Runtime(settings, engine, sessions, archive, volume, cache, worker)
+            yield Runtime(settings, engine, sessions, archive, volume, cache, worker, readers)
         finally:
             for loop in loops:
                 loop.cancel()
@@ -75,4 +79,6 @@ async def running(settings: Settings) -> AsyncIterator[Runtime]:
             await worker.stop()
     finally:
         await archive.aclose()
+        if read_engine is not None:
+            await read_engine.dispose()
         await engine.dispose()
