@@ -24,6 +24,7 @@ class Sizes:
     poll_connections: int = 200
     poll_seconds: float = 10
     poll_rate: float = 500
+    poll_idle: bool = True  # also measure the ceiling with nothing staging, for scale
     mem_downloads: int = 8  # concurrent downloads of a cart of `mem_files` big files
     mem_files: int = 8
     mem_stage_files: int = 10_000
@@ -49,6 +50,7 @@ SMOKE = replace(
     poll_connections=20,
     poll_seconds=1,
     poll_rate=50,
+    poll_idle=False,
     mem_downloads=2,
     mem_files=2,
     mem_stage_files=50,

@@ -109,9 +109,8 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     for setting in args.set:
         key, _, value = setting.partition("=")
         kind = type(getattr(sizes, key))
-        sizes = dataclasses.replace(
-            sizes, **{key: kind(float(value)) if kind is not str else value}
-        )
+        parsed = value.lower() in ("1", "true") if kind is bool else kind(float(value))
+        sizes = dataclasses.replace(sizes, **{key: parsed})
     return sizes
 
 

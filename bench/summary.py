@@ -63,6 +63,11 @@ def _bigfile(r: dict[str, Any]) -> list[Row]:
 def _polling(r: dict[str, Any]) -> list[Row]:
     rows = []
     for x in r["runs"]:
+        if x.get("idle_ceiling"):
+            idle = x["idle_ceiling"]["requests_per_s"]
+            rows.append(
+                (f"HEAD ceiling, nothing staging, {x['database']}", f"{idle} req/s", "", "")
+            )
         rows.append(
             (
                 f"HEAD ceiling, {x['database']}",
