@@ -54,7 +54,22 @@ class Created:
 
 
 def parse_cart(body: bytes | bytearray, max_files: int) -> CartRequest:
-    """Decode and validate a POST body; every failure names what is wrong."""
+    """Decode and validate a POST body; every failure names what is wrong.
+
+    A valid body is validated straight from its bytes: the intermediate Python document of
+    a 100,000-file cart is 44 MB on top of the model.  Anything that path refuses is parsed
+    again the slower way, which decides and explains exactly as before.
+    """
+    try:
+        cart = CartRequest.model_validate_json(body)
+    except ValidationError:
+        return _parse_document(body, max_files)
+    if len(cart.fileids) > max_files:
+        raise InvalidCart(f"cart has {len(cart.fileids)} files; the maximum is {max_files}")
+    return cart
+
+
+def _parse_document(body: bytes | bytearray, max_files: int) -> CartRequest:
     try:
         document = json.loads(body)
     except (ValueError, RecursionError) as exc:
