@@ -7,7 +7,7 @@ ARCHIVE_VENV := .venv-archive
 PIP := $(VENV)/bin/pip install --quiet --disable-pip-version-check
 LOCK := requirements/constraints.txt
 
-.PHONY: serve test check lock bench proofs clean openapi
+.PHONY: serve test check lock bench bench-tools proofs clean openapi
 
 serve: $(VENV)/.runtime
 	mkdir -p archive
@@ -50,9 +50,22 @@ proofs: $(VENV)/.test
 	$(VENV)/bin/python bench/load.py
 	$(VENV)/bin/python bench/outage.py
 
+# The benchmark suite (bench/suite.py; README "Performance"): the report and plots go to
+# bench/results/.  nginx and wrk are the references, from Debian.  BENCH_ARGS passes options.
+bench: $(VENV)/.bench $(ARCHIVE_VENV)/.installed bench-tools
+	$(VENV)/bin/python bench/suite.py $(BENCH_ARGS)
+
+bench-tools:
+	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v curl >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx-light wrk curl; }
+
+$(VENV)/.bench: $(VENV)/.test
+	$(PIP) -c $(LOCK) -e '.[test,bench]'
+	touch $@
+
 lock:
 	rm -rf /tmp/cartd-lock && $(PYTHON) -m venv /tmp/cartd-lock
-	/tmp/cartd-lock/bin/pip install --quiet -e '.[test]'
+	/tmp/cartd-lock/bin/pip install --quiet -e '.[test,bench]'
 	/tmp/cartd-lock/bin/pip freeze --exclude-editable | sort > $(LOCK)
 
 clean:

@@ -139,13 +139,15 @@ def _free_port() -> int:
         return port
 
 
-def _cherrypy_config(port: int) -> str:
+def _cherrypy_config(port: int, thread_pool: int | None = None) -> str:
     # Values are Python literals (CherryPy evaluates them). socket_host/socket_port here
     # override the -a/-p command line options.
+    pool = "" if thread_pool is None else f"server.thread_pool: {thread_pool}\n"
     return (
         "[global]\n"
         "server.socket_host: '127.0.0.1'\n"
         f"server.socket_port: {port}\n"
+        f"{pool}"
         "server.shutdown_timeout: 1\n"
         "engine.autoreload.on: False\n"
         "checker.on: False\n"
@@ -191,12 +193,15 @@ def reference_archive(
     *,
     startup_timeout: float = 30.0,
     stop_grace: float = 5.0,
+    thread_pool: int | None = None,
 ) -> Iterator[str]:
     """Run pacifica-archiveinterface (posix backend, files under ``prefix``).
 
     Yields the base URL ``http://127.0.0.1:PORT/``. The server is stopped with SIGTERM on
-    exit, and SIGKILL after ``stop_grace`` seconds. Raises ReferenceArchiveError, with the
-    server's output, if it is not answering ``GET /`` within ``startup_timeout`` seconds.
+    exit, and SIGKILL after ``stop_grace`` seconds. ``thread_pool=1`` serves one request at a
+    time, as sites running it must (see Concurrency above); None keeps CherryPy's default.
+    Raises ReferenceArchiveError, with the server's output, if it is not answering
+    ``GET /`` within ``startup_timeout`` seconds.
     """
     exe = venv / "bin" / _EXECUTABLE
     if not exe.is_file():
@@ -222,7 +227,7 @@ def reference_archive(
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             port = _free_port()
             base_url = f"http://127.0.0.1:{port}/"
-            cp_config.write_text(_cherrypy_config(port))
+            cp_config.write_text(_cherrypy_config(port, thread_pool))
             stdout_path = tmpdir / f"stdout.{attempt}.log"
             stderr_path = tmpdir / f"stderr.{attempt}.log"
             with stdout_path.open("wb") as out, stderr_path.open("wb") as err:

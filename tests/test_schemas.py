@@ -276,6 +276,36 @@ def test_parse_cart_needs_an_object(document: Any) -> None:
     assert refusal(document) == 'request body must be a JSON object with a "fileids" list'
 
 
+def _raw(file_id: str = '"a"', path: str = '"x"', rest: str = "") -> str:
+    """A cart body as JSON text, for inputs json.dumps cannot write."""
+    entry = f'{{"id": {file_id}, "path": {path}, "hashtype": "sha1", "hashsum": "{"a" * 40}"}}'
+    return f'{{"fileids": [{entry}]{rest}}}'
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _raw(rest=', "fileids": []'),  # duplicate key: the last one wins
+        _raw(file_id="-0"),
+        _raw(file_id="10000000000000000000000000"),
+        _raw(file_id="1e2"),
+        _raw(rest=', "ttl": "5", "manifest": 1, "other": NaN'),
+        _raw(path='"\\ud800"'),  # a lone surrogate
+    ],
+)
+def test_parse_cart_fast_path_agrees_with_the_document_path(body: str) -> None:
+    """parse_cart validates the bytes directly; it must accept and refuse what json does."""
+    try:
+        expected: Any = CartRequest.model_validate(json.loads(body)).model_dump()
+    except ValueError:
+        expected = InvalidCart
+    try:
+        got: Any = parse_cart(body.encode("utf-8", "surrogatepass"), 10).model_dump()
+    except InvalidCart:
+        got = InvalidCart
+    assert got == expected
+
+
 def test_parse_cart_too_many_files() -> None:
     items = [item(str(i), f"f{i}") for i in range(4)]
     assert refusal(cart(*items), max_files=3) == "cart has 4 files; the maximum is 3"

@@ -16,7 +16,7 @@ def test_defaults_need_no_setup(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.database_url.startswith("sqlite+aiosqlite:///")
     assert settings.archive_interface_url == "file:./archive"
     assert (settings.host, settings.port) == ("127.0.0.1", 8081)
-    assert settings.transfer_size == 4 * 1024 * 1024
+    assert settings.transfer_size == 1024 * 1024
     assert settings.fetch_concurrency == 8
 
 

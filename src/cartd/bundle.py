@@ -11,9 +11,11 @@ can be served by seeking straight to it.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import hashlib
 import itertools
+import os
 import re
 import tarfile
 import time
@@ -22,8 +24,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from urllib.parse import quote
-
-import aiofiles
 
 BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE
@@ -279,12 +279,25 @@ async def _read_file(
     source: Path, offset: int, count: int, chunk_size: int
 ) -> AsyncIterator[bytes]:
     """`count` bytes from `offset`; a file that shrank underneath us aborts, never sends wrong
-    bytes, and one that grew is cut at its planned size."""
-    async with aiofiles.open(source, "rb") as handle:
-        await handle.seek(offset)
+    bytes, and one that grew is cut at its planned size.
+
+    The next chunk is read in a worker thread while the event loop sends this one, so
+    the disk and the socket work at the same time; positioned reads (pread) need no seek.
+    """
+    loop = asyncio.get_running_loop()
+    fd = await loop.run_in_executor(None, os.open, source, os.O_RDONLY)
+    ahead: asyncio.Future[bytes] | None = None
+    try:
         while count:
-            chunk = await handle.read(min(chunk_size, count))
+            read = ahead or loop.run_in_executor(None, os.pread, fd, min(chunk_size, count), offset)
+            chunk, ahead = await read, None
             if not chunk:
                 raise OSError(f"{source} is shorter than its recorded size")
-            count -= len(chunk)
+            offset, count = offset + len(chunk), count - len(chunk)
+            if count:
+                ahead = loop.run_in_executor(None, os.pread, fd, min(chunk_size, count), offset)
             yield chunk
+    finally:
+        if ahead is not None:
+            await asyncio.wait({ahead})  # the thread must be done with `fd` before it closes
+        os.close(fd)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +33,18 @@ class Hasher:
         self._crc = 0
 
     def update(self, chunk: bytes) -> None:
-        self._requested.update(chunk)
+        for part in self.parts():
+            part(chunk)
+
+    def parts(self) -> list[Callable[[bytes], None]]:
+        """The independent updates, each releasing the GIL: parallel threads may run them,
+        as long as each part sees the chunks in order."""
+        parts = [self._requested.update, self._update_crc]
         if self._sha256 is not self._requested:
-            self._sha256.update(chunk)
+            parts.append(self._sha256.update)
+        return parts
+
+    def _update_crc(self, chunk: bytes) -> None:
         self._crc = zlib.crc32(chunk, self._crc)
 
     def result(self) -> Checksums:

@@ -20,6 +20,7 @@ from cartd.db.migrate import SchemaState, prepare
 from cartd.db.session import (
     SessionFactory,
     create_engine,
+    create_read_engine,
     create_session_factory,
     wait_for_database,
 )
@@ -44,6 +45,7 @@ class Runtime:
     cache: Cache
     worker: Worker
     metrics: Metrics
+    readers: SessionFactory  # status reads that may run beside the writer (session.py)
 
 
 @asynccontextmanager
@@ -52,6 +54,7 @@ async def running(settings: Settings, metrics: Metrics | None = None) -> AsyncIt
     worker, the cache policy and the progress recorder; undo it all on exit."""
     metrics = metrics or Metrics()
     engine = create_engine(settings)
+    read_engine = create_read_engine(settings)
     archive = MeteredArchive(open_archive(settings), metrics)
     try:
         await wait_for_database(engine, settings)
@@ -59,6 +62,7 @@ async def running(settings: Settings, metrics: Metrics | None = None) -> AsyncIt
         if schema.state is not SchemaState.CURRENT:
             log.info("database schema upgraded: %s -> %s", schema.revision or "empty", schema.head)
         sessions = create_session_factory(engine)
+        readers = create_session_factory(read_engine) if read_engine else sessions
         volume = Volume(settings.volume_path)
         await recover(sessions, volume)
         cache = Cache(sessions, volume, settings, metrics)
@@ -72,7 +76,9 @@ async def running(settings: Settings, metrics: Metrics | None = None) -> AsyncIt
             asyncio.create_task(progress.run(), name="cartd-progress"),
         ]
         try:
-            yield Runtime(settings, engine, sessions, archive, volume, cache, worker, metrics)
+            yield Runtime(
+                settings, engine, sessions, archive, volume, cache, worker, metrics, readers
+            )
         finally:
             for loop in loops:
                 loop.cancel()
@@ -80,4 +86,6 @@ async def running(settings: Settings, metrics: Metrics | None = None) -> AsyncIt
             await worker.stop()
     finally:
         await archive.aclose()
+        if read_engine is not None:
+            await read_engine.dispose()
         await engine.dispose()

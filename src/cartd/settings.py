@@ -64,7 +64,7 @@ class Settings(BaseSettings):
         0.0, ge=0, validation_alias=_aliases("LRU_BUFFER_TIME", "LRU_BUFFER_TIME")
     )
     transfer_size: int = Field(
-        4 * 1024 * 1024, ge=4096, validation_alias=_aliases("TRANSFER_SIZE", "TRANSFER_SIZE")
+        1024 * 1024, ge=4096, validation_alias=_aliases("TRANSFER_SIZE", "TRANSFER_SIZE")
     )
     database_connect_attempts: int = Field(
         10,

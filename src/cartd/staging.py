@@ -135,7 +135,7 @@ class Stager:
     async def _stream_to(
         self, part: Path, job: FileJob, reservation: Reservation
     ) -> tuple[int, Checksums]:
-        """Write and hash each chunk in a worker thread so the event loop never blocks on disk.
+        """Write and hash each chunk in a worker thread while the next chunk downloads.
 
         The same step computes the SHA-256 and CRC-32 that manifests and zip headers need,
         so no download ever re-reads a file.  Stops reading once the body exceeds the
@@ -144,14 +144,61 @@ class Stager:
         hasher = Hasher(job.hashtype)
         received = 0
         with open(part, "wb") as handle:  # noqa: ASYNC230 - every write runs in to_thread
-            async with self.archive.open(job.archive_id) as chunks:
-                async for chunk in chunks:
-                    received += len(chunk)
-                    if received > reservation.size:
-                        break
-                    await asyncio.to_thread(_write_and_hash, handle, hasher, chunk)
-                    reservation.written = received
+            pipeline = _Pipeline(handle, hasher, reservation)
+            try:
+                async with self.archive.open(job.archive_id) as chunks:
+                    async for chunk in chunks:
+                        received += len(chunk)
+                        if received > reservation.size:
+                            break
+                        await pipeline.put(chunk)
+                await pipeline.flush()
+            finally:
+                await pipeline.settle()
         return received, hasher.result()
+
+
+PARALLEL_HASHING = 1 << 20  # a chunk at least this big is hashed by several threads
+
+
+class _Pipeline:
+    """One chunk in worker threads (written, hashed) while the event loop reads the next.
+
+    Hashing a 2 GiB file three ways (the client's digest, SHA-256, CRC-32) costs seconds of
+    CPU; done between reads it stalls the archive's TCP stream, done beside them it
+    overlaps, and each digest of a big chunk gets its own thread.  Chunks stay in order:
+    the next one starts only after every part of the previous one is done.
+    """
+
+    def __init__(self, handle: Any, hasher: Hasher, reservation: Reservation) -> None:
+        self.handle, self.hasher, self.reservation = handle, hasher, reservation
+        self._pending: list[asyncio.Future[None]] = []
+        self._size = 0
+
+    async def put(self, chunk: bytes) -> None:
+        await self.flush()
+        self._size = len(chunk)
+        if len(chunk) < PARALLEL_HASHING:
+            jobs = [asyncio.to_thread(_write_and_hash, self.handle, self.hasher, chunk)]
+        else:
+            parts = [self.handle.write, *self.hasher.parts()]
+            jobs = [asyncio.to_thread(part, chunk) for part in parts]
+        self._pending = [asyncio.ensure_future(job) for job in jobs]
+
+    async def flush(self) -> None:
+        """Wait for the chunk in the threads; a cancelled caller leaves them to `settle`."""
+        if self._pending:
+            await asyncio.shield(asyncio.gather(*self._pending))
+            self._pending = []
+            self.reservation.written += self._size
+
+    async def settle(self) -> None:
+        """After a failure: the threads must be done with the file before it is closed."""
+        if self._pending:
+            await asyncio.wait(self._pending)
+            for job in self._pending:
+                if not job.cancelled():
+                    job.exception()  # retrieved: the failure that matters is ours
 
 
 def _write_and_hash(handle: Any, hasher: Hasher, chunk: bytes) -> None:

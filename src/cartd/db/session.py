@@ -3,8 +3,11 @@
 SQLite gets one pooled connection: every write in this process is then serialised in
 Python instead of racing for SQLite's file lock, which is what produces "database is
 locked".  WAL and a busy timeout still matter for the other processes (`cartd db upgrade`,
-an operator's sqlite3 shell) that may open the file.  MariaDB gets a real pool and READ
-COMMITTED, so short status reads never wait on a long-running staging transaction.
+an operator's sqlite3 shell) that may open the file.  Status reads (HEAD) get a few
+read-only connections of their own: under WAL a reader never waits for the writer, so a
+poller no longer queues behind the staging worker's transactions on that one connection.
+MariaDB gets a real pool and READ COMMITTED, so short status reads never wait on a
+long-running staging transaction.
 """
 
 from __future__ import annotations
@@ -56,6 +59,28 @@ def create_engine(settings: Settings) -> AsyncEngine:
         isolation_level="READ COMMITTED",
         connect_args={"charset": "utf8mb4"},
     )
+
+
+READERS = 4
+
+
+def _read_only(dbapi_connection: Any, record: Any) -> None:
+    _sqlite_pragmas(dbapi_connection, record)
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA query_only=ON")
+    cursor.close()
+
+
+def create_read_engine(settings: Settings) -> AsyncEngine | None:
+    """Read-only connections for status reads on a SQLite file; None where the main
+    engine serves reads as well (MariaDB's pool, or an in-memory SQLite database that a
+    second connection would not see)."""
+    url = make_url(settings.database_url)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    engine = create_async_engine(url, pool_size=READERS, max_overflow=0, pool_timeout=60)
+    event.listen(engine.sync_engine, "connect", _read_only)
+    return engine
 
 
 def create_session_factory(engine: AsyncEngine) -> SessionFactory:

@@ -58,10 +58,31 @@ def _update(model: type[Cart] | type[CartFile]) -> Any:
     return update(model).execution_options(synchronize_session=False)
 
 
+@dataclass(frozen=True)
+class CartBrief:
+    """The columns a HEAD answers from: reading them costs no ORM object."""
+
+    id: int
+    state: str
+    message: str
+    updated_at: float
+    last_used_at: float
+
+
+async def cart_brief(session: AsyncSession, owner: str, uid: str) -> CartBrief | None:
+    columns = (Cart.id, Cart.state, Cart.message, Cart.updated_at, Cart.last_used_at)
+    query = select(*columns).where(Cart.owner == owner, Cart.active_uid == uid)
+    row = (await session.execute(query)).one_or_none()
+    return None if row is None else CartBrief(*row)
+
+
 async def active_cart(session: AsyncSession, owner: str, uid: str) -> Cart | None:
     """The owner's live cart of that id; another owner's cart of the same id is not it."""
     result = await session.execute(select(Cart).where(Cart.owner == owner, Cart.active_uid == uid))
     return result.scalar_one_or_none()
+
+
+INSERT_BATCH = 2000  # rows per INSERT: a 100,000-file cart never has all its rows bound at once
 
 
 async def insert_cart(
@@ -101,7 +122,9 @@ async def insert_cart(
         "attempts": 0,
         "updated_at": now,
     }
-    await session.execute(insert(CartFile), [{**defaults, **row} for row in files])
+    for start in range(0, len(files), INSERT_BATCH):
+        batch = files[start : start + INSERT_BATCH]
+        await session.execute(insert(CartFile), [{**defaults, **row} for row in batch])
     return cart
 
 
@@ -183,6 +206,11 @@ async def expired_carts(session: AsyncSession, now: float) -> list[tuple[int, st
 
 
 TOUCH_GRANULARITY = 1.0
+
+
+def touch_due(last_used_at: float, now: float) -> bool:
+    """Whether `touch` would write; lets a reader skip the write transaction altogether."""
+    return last_used_at < now - TOUCH_GRANULARITY
 
 
 async def touch(session: AsyncSession, cart_id: int) -> None:
