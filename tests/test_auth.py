@@ -344,3 +344,60 @@ def test_schema_0005_gives_old_carts_no_owner_and_goes_back(db_url: str) -> None
                 conn.execute(sa.text(CART.format(4)))  # one namespace again
     finally:
         engine.dispose()
+
+
+# --- the OpenAPI document's access-control answers are the service's own -----------------
+
+
+def _documented(code: str) -> set[tuple[str, str, str]]:
+    """(verb, path, example name) of every documented example of this status."""
+    document = create_app().openapi()
+    return {
+        (verb.upper(), path, name)
+        for path, operations in document["paths"].items()
+        for verb, operation in operations.items()
+        for media in operation["responses"].get(code, {}).get("content", {}).values()
+        for name in media.get("examples", {})
+    }
+
+
+def _replay(
+    code: str, clients: dict[str, tuple[httpx.Client, dict[str, str]]]
+) -> set[tuple[str, str, str]]:
+    """Send each documented example's request; its answer must carry that exact message."""
+    document = create_app().openapi()
+    replayed = set()
+    for verb, path, name in _documented(code):
+        client, headers = clients[name]
+        response = client.request(verb, path.replace("{cart_id}", "c"), headers=headers)
+        media = document["paths"][path][verb.lower()]["responses"][code]["content"]
+        (documented,) = media.values()
+        assert assert_error(response, int(code)) == documented["examples"][name]["value"][
+            "message"
+        ], (verb, path, name)
+        replayed.add((verb, path, name))
+    return replayed
+
+
+def test_documented_401_examples_are_what_token_mode_answers(token_service: Service) -> None:
+    client = token_service.client
+    clients = {"missing": (client, {}), "invalid": (client, _bearer("not-a-token-of-anybody"))}
+    documented = _documented("401")
+    assert {name for _verb, _path, name in documented} == set(clients)
+    assert {path for _verb, path, _name in documented} == {
+        "/{cart_id}", "/{cart_id}/status", "/{cart_id}/events",
+    }  # fmt: skip
+    assert _replay("401", clients) == documented
+
+
+def test_documented_403_examples_are_what_proxy_mode_answers(
+    outsider: tuple[Service, httpx.Client],
+) -> None:
+    service, stranger = outsider
+    clients = {
+        "untrusted": (stranger, {"X-Remote-User": "alice"}),
+        "no_identity": (service.client, {}),
+    }
+    documented = _documented("403")
+    assert {name for _verb, _path, name in documented} == set(clients)
+    assert _replay("403", clients) == documented

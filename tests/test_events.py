@@ -152,7 +152,7 @@ def test_openapi_documents_events_and_progress_fields() -> None:
     document = create_app().openapi()
     events = document["paths"]["/{cart_id}/events"]["get"]
     assert "text/event-stream" in events["responses"]["200"]["content"]
-    assert set(events["responses"]) == {"200", "400", "404", "500"}
+    assert set(events["responses"]) == {"200", "400", "401", "403", "404", "500"}
     assert "application/json" in events["responses"]["404"]["content"]
     status = document["paths"]["/{cart_id}/status"]["get"]
     for operation in (events, status):

@@ -84,7 +84,7 @@ def test_cart_body_schema_is_published_with_examples() -> None:
     assert media["schema"] == {"$ref": "#/components/schemas/CartRequest"}
     cart = document["components"]["schemas"]["CartRequest"]
     assert cart["properties"]["fileids"]["items"] == {"$ref": "#/components/schemas/FileEntry"}
-    assert set(post["responses"]) == {"201", "400", "409", "413", "500"}
+    assert set(post["responses"]) == {"201", "400", "401", "403", "409", "413", "500"}
     assert "Location" in post["responses"]["201"]["headers"]
     ids = [f["id"] for example in media["examples"].values() for f in example["value"]["fileids"]]
     assert {type(i) for i in ids} == {str, int}  # both id types pacifica clients send
@@ -96,7 +96,7 @@ def test_no_phantom_422_and_errors_documented() -> None:
         assert "422" not in operation["responses"], (path, verb)
     assert "HTTPValidationError" not in document["components"]["schemas"]
     head = document["paths"]["/{cart_id}"]["head"]["responses"]
-    assert set(head) == {"204", "400", "404", "500"}
+    assert set(head) == {"204", "400", "401", "403", "404", "500"}
     error = document["components"]["schemas"]["ErrorBody"]
     assert set(error["required"]) == {"status", "message"}
 
@@ -161,7 +161,9 @@ def test_download_documents_its_validators_ranges_and_headers() -> None:
     headers = {p["name"] for p in download["parameters"] if p["in"] == "header"}
     assert headers == {"Range", "If-Range", "If-None-Match"}
     responses = download["responses"]
-    assert set(responses) == {"200", "202", "206", "304", "400", "404", "409", "416", "500"}
+    assert set(responses) == {
+        *("200", "202", "206", "304", "400", "401", "403", "404", "409", "416", "500")
+    }
     for code in ("200", "206"):
         assert set(responses[code]["content"]) == {"application/x-tar", "application/zip"}
         required = {k for k, v in responses[code]["headers"].items() if v["required"]}
@@ -296,13 +298,15 @@ def test_example_bodies_validate_against_their_models() -> None:
     CartStatus.model_validate(examples.STATUS)
 
 
-def _documented_error_examples() -> set[tuple[str, str, str, str]]:
-    """(verb, path, status, example name) of every error example, but the 500."""
+def _documented_error_examples(codes: tuple[str, ...] = ()) -> set[tuple[str, str, str, str]]:
+    """(verb, path, status, example name) of every error example of these statuses, or of
+    every status but the 500 and access control's (replayed in tests/test_auth.py)."""
     found = set()
     for path, verb, operation in _operations(_document()):
         for code, response in operation["responses"].items():
+            wanted = code in codes if codes else code not in ("500", "401", "403")
             for media in response.get("content", {}).values():
-                for name in media.get("examples", {}) if code != "500" else ():
+                for name in media.get("examples", {}) if wanted else ():
                     found.add((verb.upper(), path, code, name))
     return found
 

@@ -94,3 +94,9 @@ STATUS = {
         },
     ],
 }
+
+# Access control (CARTD_AUTH=token | proxy): the answers before any cart is looked at.
+AUTH_REQUIRED = "authentication required: send Authorization: Bearer <token>"
+AUTH_INVALID = "invalid credentials"
+PROXY_ONLY = "access control is on: requests must come through the proxy"
+PROXY_NO_IDENTITY = "the proxy sent no usable X-Remote-User identity"

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
+from cartd.api import examples
 from cartd.schemas import CartRequest, ErrorBody, Message
 
 ERROR_REF = "#/components/schemas/ErrorBody"
@@ -115,8 +116,60 @@ def document(app: FastAPI) -> dict[str, Any]:
             schemas.update(schema.pop("$defs", {}))
             schemas[model.__name__] = schema
         _drop_422(spec)
+        _document_access_control(spec)
         app.openapi_schema = spec
     return app.openapi_schema
+
+
+SECURITY_SCHEMES = {
+    "bearerToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "CARTD_AUTH=token: a token from CARTD_AUTH_TOKENS_FILE",
+    },
+    "basicToken": {
+        "type": "http",
+        "scheme": "basic",
+        "description": "CARTD_AUTH=token: the identity as user name and its token as "
+        "password (what pacifica-downloader's `auth` sends)",
+    },
+}
+
+
+def _auth_errors(head: bool) -> Responses:
+    """401 and 403 exist only when CARTD_AUTH is on; HEAD says so in its headers."""
+    unauthorized = "CARTD_AUTH=token: no token, or not a valid one"
+    forbidden = "CARTD_AUTH=proxy: not from a trusted proxy, or no identity header"
+    if head:
+        return {**head_error(401, unauthorized), **head_error(403, forbidden)}
+    challenge = header('Bearer realm="cartd", plus error="invalid_token" for a wrong token')
+    return {
+        **error(
+            401,
+            unauthorized,
+            {"missing": examples.AUTH_REQUIRED, "invalid": examples.AUTH_INVALID},
+            **{"WWW-Authenticate": challenge},
+        ),
+        **error(
+            403,
+            forbidden,
+            {"untrusted": examples.PROXY_ONLY, "no_identity": examples.PROXY_NO_IDENTITY},
+        ),
+    }
+
+
+def _document_access_control(spec: dict[str, Any]) -> None:
+    """Cart operations take credentials when access control is on (off by default, hence
+    the empty requirement that makes them optional); the service routes never do."""
+    spec["components"]["securitySchemes"] = SECURITY_SCHEMES
+    for path, operations in spec.get("paths", {}).items():
+        if not path.startswith("/{cart_id}"):
+            continue
+        for verb, operation in operations.items():
+            operation["security"] = [{}, {"bearerToken": []}, {"basicToken": []}]
+            operation["responses"].update(
+                {str(code): answer for code, answer in _auth_errors(verb == "head").items()}
+            )
 
 
 def _drop_422(spec: dict[str, Any]) -> None:
