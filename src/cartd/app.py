@@ -11,10 +11,11 @@ from fastapi.openapi.utils import get_openapi
 
 from cartd import __version__
 from cartd.api import carts, errors, events
+from cartd.db.session import sqlite_file
 from cartd.runtime import running
 from cartd.schemas import CartRequest
 from cartd.settings import Settings
-from cartd.volume_lock import exclusive
+from cartd.volume_lock import serving
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -22,8 +23,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # One cartd per volume: recovery and fsck delete what they do not own.
-        with exclusive(settings.volume_path):
+        # Recovery and fsck delete what they do not own: SQLite makes this the only
+        # cartd on the volume and database; replicas of a server database share it.
+        with serving(settings.volume_path, sqlite_file(settings)):
             async with running(settings) as runtime:
                 app.state.runtime = runtime
                 yield

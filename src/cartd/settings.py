@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -114,12 +114,29 @@ class Settings(BaseSettings):
         0.5, gt=0, validation_alias=_aliases("EVENTS_POLL_INTERVAL")
     )
     events_heartbeat: float = Field(15.0, gt=0, validation_alias=_aliases("EVENTS_HEARTBEAT"))
+    # Replicas: a claimed file's lease lasts this long unless renewed; a dead replica's
+    # files are taken over after at most one lease.  Every CANCEL_POLL_INTERVAL seconds
+    # a replica renews its leases and stops fetches whose cart was deleted or failed
+    # elsewhere, which bounds how long a DELETE on another replica takes to stop them.
+    lease_seconds: float = Field(60.0, gt=0, validation_alias=_aliases("LEASE_SECONDS"))
+    cancel_poll_interval: float = Field(
+        5.0, gt=0, validation_alias=_aliases("CANCEL_POLL_INTERVAL")
+    )
 
     @field_validator("cache_low_watermark", "cache_high_watermark")
     @classmethod
     def _size_or_percent(cls, value: str) -> str:
         parse_amount(value, total=1)  # raises ValueError with a clear message
         return value
+
+    @model_validator(mode="after")
+    def _renewals_fit_the_lease(self) -> Settings:
+        if self.cancel_poll_interval * 3 > self.lease_seconds:
+            raise ValueError(
+                "CARTD_CANCEL_POLL_INTERVAL must be at most a third of CARTD_LEASE_SECONDS, "
+                "so that a lease is renewed at least twice before it lapses"
+            )
+        return self
 
     @field_validator("archive_interface_url")
     @classmethod

@@ -9,6 +9,8 @@ from alembic.config import Config
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cartd.db import store
+
 
 def _config(connection: Connection) -> Config:
     config = Config()
@@ -22,6 +24,12 @@ def _upgrade(connection: Connection) -> None:
 
 
 async def upgrade(engine: AsyncEngine) -> None:
-    """Bring the schema to head; a no-op when it is already there, so safe at every start."""
-    async with engine.begin() as conn:
-        await conn.run_sync(_upgrade)
+    """Bring the schema to head; a no-op when it is already there, so safe at every start,
+    and by every replica at once (they take turns)."""
+    async with engine.connect() as conn:
+        await store.lock_migrations(conn)
+        try:
+            await conn.run_sync(_upgrade)
+            await conn.commit()
+        finally:
+            await store.unlock_migrations(conn)
