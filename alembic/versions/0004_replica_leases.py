@@ -3,8 +3,9 @@
 Several cartd replicas share one database.  A `staging` file row names the replica that
 claimed it (`lease_owner`) and the moment its claim lapses unless renewed
 (`lease_expires`); `reserved` is the space that fetch promised itself on the shared
-volume.  A cart row's `held_until` keeps its files from eviction while any replica streams
-them.  The one-row `cartd_locks` table serialises space reservations across replicas.
+volume.  A cart row's `held_until` keeps its files from eviction while a replica
+(`held_by`) streams them.  The one-row `cartd_locks` table serialises space reservations
+across replicas.
 
 Revision ID: 0004_leases
 Revises: 0003
@@ -29,6 +30,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("reserved", sa.BigInteger, nullable=True))
     with op.batch_alter_table("carts") as batch:
         batch.add_column(sa.Column("held_until", sa.Double, nullable=True))
+        batch.add_column(sa.Column("held_by", sa.String(64), nullable=True))
     locks = op.create_table(
         "cartd_locks",
         sa.Column("name", sa.String(32), primary_key=True),
@@ -41,6 +43,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("cartd_locks")
     with op.batch_alter_table("carts") as batch:
+        batch.drop_column("held_by")
         batch.drop_column("held_until")
     with op.batch_alter_table("cart_files") as batch:
         batch.drop_column("reserved")

@@ -220,13 +220,13 @@ def _file_status(row: CartFile) -> FileStatus:
 
 
 async def ready_files(
-    sessions: SessionFactory, uid: str, hold: float | None = None
+    sessions: SessionFactory, uid: str, hold: store.Lease | None = None
 ) -> tuple[Cart, Sequence[CartFile]]:
     """The cart and its files if it can be downloaded now; touches it for LRU.
 
-    On a shared volume (`hold` seconds given) it also holds the cart, so that no other
-    replica evicts or removes the files this download is about to read; the download's
-    replica renews the hold while it streams.
+    On a shared volume (`hold` given: this replica and its lease length) it also holds
+    the cart, so that no other replica evicts or removes the files this download is
+    about to read; the download's replica renews the hold while it streams.
     """
     gone = "The cart does not exist or has already been deleted"
     async with sessions.begin() as session:
@@ -236,8 +236,10 @@ async def ready_files(
         await store.touch(session, cart.id)
         if cart.state != CartState.READY:
             return cart, []
-        if hold is not None and not await store.hold_cart(session, cart.id, time.time() + hold):
-            raise CartNotFound(gone)
+        if hold is not None:
+            until = time.time() + hold.seconds
+            if not await store.hold_cart(session, cart.id, until, hold.owner):
+                raise CartNotFound(gone)
         return cart, await store.cart_files(session, cart.id)
 
 

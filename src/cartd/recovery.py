@@ -75,9 +75,10 @@ async def recover(
         if sole:
             requeued = await store.requeue_interrupted(session)
         else:
-            owners = await store.lease_owners(session)
+            owners = {*await store.lease_owners(session), *await store.hold_owners(session)}
             dead = [owner for owner in owners if dead_here(owner, me)]
             requeued = await store.requeue_expired(session, dead)
+            await store.release_holds(session, dead)
     found = await asyncio.to_thread(_inventory, volume)
     async with sessions.begin() as session:
         live = await store.live_cart_ids(session)

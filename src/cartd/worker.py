@@ -150,7 +150,7 @@ class Worker:
         until = time.time() + self.lease.seconds
 
         async def renewal(session: AsyncSession) -> tuple[set[int], int]:
-            await store.hold_carts(session, streaming, until)
+            await store.hold_carts(session, streaming, until, self.lease.owner)
             lost = await store.renew_leases(session, list(running), self.lease)
             return lost, await store.requeue_expired(session)
 

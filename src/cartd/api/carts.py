@@ -247,7 +247,7 @@ async def download_cart(
     fmt = bundle_format or formats.from_accept(request.headers.get("accept"))
     try:
         name = bundle.check_name(filename or bundle.default_name(fmt=fmt), fmt)
-        hold_for = runtime.settings.lease_seconds if runtime.volume.shared else None
+        hold_for = runtime.worker.lease if runtime.volume.shared else None
         cart, files = await retry_deadlocks(
             lambda: carts.ready_files(runtime.sessions, cart_id, hold_for)
         )

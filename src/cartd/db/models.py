@@ -64,6 +64,7 @@ class Cart(Base):
     # While some replica streams this cart's files (renewed as it streams): no replica
     # may evict them or delete its directory before then.
     held_until: Mapped[float | None] = mapped_column(Double, default=None)
+    held_by: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class CartFile(Base):

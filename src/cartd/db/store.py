@@ -232,20 +232,40 @@ async def touch(session: AsyncSession, cart_id: int) -> None:
     )
 
 
-async def hold_carts(session: AsyncSession, cart_ids: Sequence[int], until: float) -> None:
+async def hold_carts(
+    session: AsyncSession, cart_ids: Sequence[int], until: float, owner: str
+) -> None:
     """Keep carts' files from every replica's eviction until `until` (a download runs)."""
     if cart_ids:
         await session.execute(
-            _update(Cart).where(Cart.id.in_(sorted(cart_ids))).values(held_until=until)
+            _update(Cart)
+            .where(Cart.id.in_(sorted(cart_ids)))
+            .values(held_until=until, held_by=owner)
         )
 
 
-async def hold_cart(session: AsyncSession, cart_id: int, until: float) -> bool:
+async def hold_owners(session: AsyncSession) -> list[str]:
+    """Every replica holding a cart now (start-up looks for dead ones on its host)."""
+    result = await session.execute(
+        select(Cart.held_by).where(Cart.held_by.is_not(None), ~not_held(time.time())).distinct()
+    )
+    return [owner for owner in result.scalars().all() if owner is not None]
+
+
+async def release_holds(session: AsyncSession, owners: Sequence[str]) -> None:
+    """Holds of replicas known dead end now: their downloads died with them."""
+    if owners:
+        await session.execute(
+            _update(Cart).where(Cart.held_by.in_(owners)).values(held_until=None, held_by=None)
+        )
+
+
+async def hold_cart(session: AsyncSession, cart_id: int, until: float, owner: str) -> bool:
     """Take a download's hold; False if the cart was deleted meanwhile (by any replica)."""
     result = await session.execute(
         _update(Cart)
         .where(Cart.id == cart_id, Cart.state != CartState.DELETED)
-        .values(held_until=until)
+        .values(held_until=until, held_by=owner)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
