@@ -52,6 +52,14 @@ class Reservation:
         return max(self.size - self.written, 0)
 
 
+@dataclass
+class _Request:
+    key: int
+    cart_id: int
+    size: int
+    future: asyncio.Future[Reservation]
+
+
 def _on_disk(usage: CartUsage) -> int:
     return usage.bytes + usage.files * BLOCK
 
@@ -66,6 +74,8 @@ class Cache:
         self.owner = owner  # this replica's lease owner id: its own promises are in memory
         self._lock = asyncio.Lock()
         self._held: dict[int, Reservation] = {}
+        self._requests: list[_Request] = []  # reservations waiting for the next batch
+        self._granter: asyncio.Task[None] | None = None
         self._cart_bytes: dict[int, int] = {}  # sizes seen per cart, for the early refusal
         # Set by the runtime: stops a cart's fetches before an expiry removes its files.
         self.cancel_fetches: Callable[[int], Awaitable[None]] | None = None
@@ -94,21 +104,62 @@ class Cache:
         """Promise `size` bytes to one fetch, evicting LRU carts if that can make room.
 
         A cart whose files add up to more than the whole volume is refused outright, as
-        soon as the sizes seen so far show it, without evicting anything for it.
+        soon as the sizes seen so far show it, without evicting anything for it.  On a
+        shared volume, requests that arrive together are decided in one locked
+        transaction (each costs the database a commit otherwise).
         """
-        async with self._deciding() as (session, elsewhere):
-            total = self._disk()[0]
-            cart_bytes = self._cart_bytes.get(cart_id, 0) + size
-            if cart_bytes > total:
-                raise NoSpace(f"{NO_SPACE}: the cart needs more than the volume's {total} bytes")
-            if self.free(elsewhere) < size:
-                await self._make_room(size, elsewhere)
-            if session is not None:  # other replicas see the promise once this commits
-                await store.record_reserved(session, key, size)
-            self._cart_bytes[cart_id] = cart_bytes
-            reservation = Reservation(size)
-            self._held[key] = reservation
-            return reservation
+        if not self.volume.shared:
+            async with self._lock:
+                return await self._grant(cart_id, key, size, 0)
+        request = _Request(key, cart_id, size, asyncio.get_running_loop().create_future())
+        self._requests.append(request)
+        if self._granter is None or self._granter.done():
+            self._granter = asyncio.create_task(self._grant_batches(), name="cartd-space")
+        return await request.future  # a cancelled fetch cancels it: the granter skips it
+
+    async def _grant(self, cart_id: int, key: int, size: int, elsewhere: int) -> Reservation:
+        total = self._disk()[0]
+        cart_bytes = self._cart_bytes.get(cart_id, 0) + size
+        if cart_bytes > total:
+            raise NoSpace(f"{NO_SPACE}: the cart needs more than the volume's {total} bytes")
+        if self.free(elsewhere) < size:
+            await self._make_room(size, elsewhere)
+        self._cart_bytes[cart_id] = cart_bytes
+        reservation = Reservation(size)
+        self._held[key] = reservation
+        return reservation
+
+    async def _grant_batches(self) -> None:
+        while self._requests:
+            batch, self._requests = self._requests, []
+            for request, outcome in await self._grant_batch(batch):
+                if request.future.done():  # the fetch was cancelled meanwhile
+                    self.release(request.key)
+                elif isinstance(outcome, Reservation):
+                    request.future.set_result(outcome)
+                else:
+                    request.future.set_exception(outcome)
+
+    async def _grant_batch(
+        self, batch: list[_Request]
+    ) -> list[tuple[_Request, Reservation | Exception]]:
+        """Decide a batch under the space lock; other replicas see it once it commits."""
+        outcomes: list[tuple[_Request, Reservation | Exception]] = []
+        try:
+            async with self._deciding() as (session, elsewhere):
+                for r in (r for r in batch if not r.future.done()):
+                    try:
+                        outcomes.append((r, await self._grant(r.cart_id, r.key, r.size, elsewhere)))
+                    except NoSpace as exc:
+                        outcomes.append((r, exc))
+                promised = {r.key: o.size for r, o in outcomes if isinstance(o, Reservation)}
+                if session is not None:
+                    await store.record_reserved(session, promised)
+        except Exception as exc:  # nothing was promised after all
+            for request, _outcome in outcomes:
+                self.release(request.key)
+            return [(request, exc) for request in batch]
+        return outcomes
 
     def release(self, key: int) -> None:
         """The fetch finished, failed or was cancelled: its unwritten promise is void."""

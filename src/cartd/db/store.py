@@ -476,8 +476,11 @@ async def promised_elsewhere(session: AsyncSession, owner: str) -> int:
     return int(result.scalar() or 0)
 
 
-async def record_reserved(session: AsyncSession, file_id: int, size: int) -> None:
-    await session.execute(_update(CartFile).where(CartFile.id == file_id).values(reserved=size))
+async def record_reserved(session: AsyncSession, promised: Mapping[int, int]) -> None:
+    """Space promised to fetches (file id -> bytes), as one executemany."""
+    if promised:
+        rows = [{"file_id": key, "promise": promised[key]} for key in sorted(promised)]
+        await session.execute(_RESERVE, rows)
 
 
 async def record_size(session: AsyncSession, file_id: int, size: int, mtime: float) -> None:
@@ -495,6 +498,11 @@ _PROGRESS = (
     update(_FILES)
     .where(_FILES.c.id == bindparam("file_id"), _FILES.c.state == FileState.STAGING)
     .values(bytes_staged=bindparam("written"))
+)
+
+
+_RESERVE = (
+    update(_FILES).where(_FILES.c.id == bindparam("file_id")).values(reserved=bindparam("promise"))
 )
 
 
