@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from cartd.archive import ArchiveFileError
 from cartd.db import store
+from cartd.db.deadlock import retry_deadlocks
 from cartd.db.group_commit import GroupCommit
 from cartd.db.session import SessionFactory
 from cartd.db.store import FileJob, Lease
@@ -122,8 +123,7 @@ class Worker:
         free = self.concurrency - len(self._tasks)
         if free <= 0:
             return 0
-        async with self.sessions.begin() as session:
-            jobs = await store.claim_files(session, free, self.lease)
+        jobs = await retry_deadlocks(lambda: self._claim_files(free))
         for job in jobs:
             if job.cart_id in self._cancelled:
                 continue
@@ -131,6 +131,12 @@ class Worker:
             self._tasks[task] = job
             task.add_done_callback(self._finished)
         return len(jobs)
+
+    async def _claim_files(self, limit: int) -> list[FileJob]:
+        """One claim transaction; a deadlock victim (a cart failing as its files are
+        claimed takes the same rows in the other order) runs again at once."""
+        async with self.sessions.begin() as session:
+            return await store.claim_files(session, limit, self.lease)
 
     async def _keep_leases(self) -> None:
         """Renew, cancel what was lost, requeue what lapsed; forever, every interval."""
@@ -143,7 +149,7 @@ class Worker:
                 self._stop_if_unsure()
 
     async def renew(self) -> None:
-        """One pass of the lease loop (tests call it to skip the wait)."""
+        """One pass of the lease loop, in the outcomes' group commit (it writes the same rows)."""
         running = {job.file_id: task for task, job in self._tasks.items()}
         volume = self.stager.volume
         streaming = volume.streaming_carts() if volume.shared else []  # holds for others
