@@ -205,8 +205,9 @@ def test_a_second_process_on_one_sqlite_database_refuses_to_start(
 ) -> None:
     db_url = f"sqlite+aiosqlite:///{tmp_path / 'cartd.db'}"
     env = cartd_env(db_url, tmp_path / "volume-1", archive.url)
-    running = Cartd(env, tmp_path / "first.log").wait_up()
+    running = Cartd(env, tmp_path / "first.log")
     try:
+        running.wait_up()
         second_env = cartd_env(db_url, tmp_path / "volume-2", archive.url)
         second = Cartd(second_env, tmp_path / "second.log")
         assert second.proc.wait(timeout=60) != 0
