@@ -180,6 +180,17 @@ def _flip(data: bytes) -> bytes:
     return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]
 
 
+@dataclass
+class GetStream:
+    """One GET body as the archive saw it: when it started and ended, and whether the
+    whole body went out (a client that hangs up mid-way shows as `whole=False`)."""
+
+    file_id: str
+    started: float
+    ended: float | None = None
+    whole: bool = False
+
+
 class _HTTPServer(ThreadingHTTPServer):
     """Knows its open sockets so that stop() can cut hanging requests loose."""
 
@@ -440,16 +451,22 @@ class _Handler(BaseHTTPRequestHandler):
         limit = max(end - start, 0)
         if fault in ("truncate", "reset"):
             limit //= 2
-        with entry.path.open("rb") as fh:
-            fh.seek(start)
-            for data in _read_chunks(fh, limit):
-                self._write_chunk(_flip(data) if fault == "corrupt" else data)
-                if self.archive.get_chunk_delay > 0:
-                    self.server.stopping.wait(self.archive.get_chunk_delay)
-        if fault == "reset":
-            self._reset()
-        else:
-            self._end_stream()
+        stream = self.archive.open_stream(self.file_id)
+        try:
+            with entry.path.open("rb") as fh:
+                fh.seek(start)
+                for data in _read_chunks(fh, limit):
+                    self._write_chunk(_flip(data) if fault == "corrupt" else data)
+                    if self.archive.get_chunk_delay > 0:
+                        self.server.stopping.wait(self.archive.get_chunk_delay)
+            if fault == "reset":
+                self._reset()
+            else:
+                self._end_stream()
+                self.wfile.flush()
+                stream.whole = fault is None
+        finally:
+            stream.ended = time.monotonic()
 
     @staticmethod
     def _byte_range(value: str) -> tuple[int, int]:
@@ -601,6 +618,7 @@ class ArchiveServer:
         self.port = port
         self.missing_status = missing_status
         self.requests: list[tuple[str, str, int]] = []
+        self.streams: list[GetStream] = []
         self.get_chunk_delay: float = 0.0
         self.put_tape_delay: float = 0.0
         self._lock = threading.Lock()
@@ -714,6 +732,13 @@ class ArchiveServer:
     def set_down(self, down: bool) -> None:
         """While down, every connection is closed unanswered, like a dead archive."""
         self._down = down
+
+    def open_stream(self, file_id: str) -> GetStream:
+        """Log a GET body starting now; its handler fills in how it ended."""
+        stream = GetStream(file_id, time.monotonic())
+        with self._lock:
+            self.streams.append(stream)
+        return stream
 
     def count(self, verb: str, file_id: str | None = None) -> int:
         """Count received requests, including the unanswered ones."""

@@ -181,7 +181,7 @@ async def test_progress_writes_never_overwrite_an_outcome(db_url: str) -> None:
         async with sessions.begin() as session:
             cart = await store.insert_cart(session, "c", "fingerprint", rows)
         async with sessions.begin() as session:
-            done, flowing = await store.claim_files(session, 2)
+            done, flowing = await store.claim_files(session, 2, store.Lease("test", 60.0))
         async with sessions.begin() as session:
             await store.file_staged(session, done, 100, 0.0)
         async with sessions.begin() as session:

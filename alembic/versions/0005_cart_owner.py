@@ -9,7 +9,7 @@ deleted ("purged"), which is what they become to a service without access contro
 and the next start-up or `cartd fsck --repair` frees their files.
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-11-28
 """
 
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 

@@ -12,10 +12,11 @@ from cartd.api import carts, errors, events, openapi, ops
 from cartd.api.access import AccessLog
 from cartd.api.auth import authenticator
 from cartd.api.peer import RealPeer
+from cartd.db.session import sqlite_file
 from cartd.metrics import Metrics
 from cartd.runtime import running
 from cartd.settings import Settings
-from cartd.volume_lock import exclusive
+from cartd.volume_lock import serving
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -24,8 +25,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # One cartd per volume: recovery and fsck delete what they do not own.
-        with exclusive(settings.volume_path):
+        # Recovery and fsck delete what they do not own: SQLite makes this the only
+        # cartd on the volume and database; replicas of a server database share it.
+        with serving(settings.volume_path, sqlite_file(settings)):
             async with running(settings, metrics) as runtime:
                 app.state.runtime = runtime
                 yield

@@ -5,17 +5,25 @@ concurrent fetches can never together promise more space than the volume has.  W
 reservation does not fit, finished carts are evicted least recently used first, but only
 if evicting them can actually make room, and never a cart that is staging, being
 downloaded right now, or used within LRU_BUFFER_TIME.
+
+On a volume shared by replicas the lock is a database row (`cartd_locks`, taken FOR
+UPDATE), the other replicas' promises are read from their file rows (`reserved`, minus
+the bytes their progress shows written), and "downloaded right now" is a cart's
+`held_until`.  Evictions are conditional UPDATEs, so one cart is evicted once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import psutil
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from cartd.db import store
 from cartd.db.models import Cart
@@ -45,6 +53,14 @@ class Reservation:
         return max(self.size - self.written, 0)
 
 
+@dataclass
+class _Request:
+    key: int
+    cart_id: int
+    size: int
+    future: asyncio.Future[Reservation]
+
+
 def _on_disk(usage: CartUsage) -> int:
     return usage.bytes + usage.files * BLOCK
 
@@ -55,14 +71,18 @@ class Cache:
         sessions: SessionFactory,
         volume: Volume,
         settings: Settings,
+        owner: str = "",
         metrics: Metrics | None = None,
     ) -> None:
         self.sessions = sessions
         self.volume = volume
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.owner = owner  # this replica's lease owner id: its own promises are in memory
         self._lock = asyncio.Lock()
         self._held: dict[int, Reservation] = {}
+        self._requests: list[_Request] = []  # reservations waiting for the next batch
+        self._granter: asyncio.Task[None] | None = None
         self._cart_bytes: dict[int, int] = {}  # sizes seen per cart, for the early refusal
         # Set by the runtime: stops a cart's fetches before an expiry removes its files.
         self.cancel_fetches: Callable[[int], Awaitable[None]] | None = None
@@ -71,31 +91,85 @@ class Cache:
         usage = psutil.disk_usage(str(self.volume.root))
         return usage.total, usage.free
 
-    def free(self) -> int:
-        """Free bytes that no fetch has already promised itself."""
-        return self._disk()[1] - self.reserved()
+    def free(self, elsewhere: int = 0) -> int:
+        """Free bytes that no fetch (here, or `elsewhere` on other replicas) promised itself."""
+        return self._disk()[1] - self.reserved() - elsewhere
 
     def reserved(self) -> int:
-        """Bytes promised to fetches in flight and not written yet."""
+        """Bytes this replica promised to fetches in flight and has not written yet."""
         return sum(r.outstanding for r in self._held.values())
+
+    @asynccontextmanager
+    async def _deciding(self) -> AsyncIterator[tuple[AsyncSession | None, int]]:
+        """Hold the space lock; yields its session (shared volume) and others' promises."""
+        async with self._lock:
+            if not self.volume.shared:
+                yield None, 0
+                return
+            async with self.sessions.begin() as session:
+                await store.lock_space(session)
+                yield session, await store.promised_elsewhere(session, self.owner)
 
     async def reserve(self, key: int, cart_id: int, size: int) -> Reservation:
         """Promise `size` bytes to one fetch, evicting LRU carts if that can make room.
 
         A cart whose files add up to more than the whole volume is refused outright, as
-        soon as the sizes seen so far show it, without evicting anything for it.
+        soon as the sizes seen so far show it, without evicting anything for it.  On a
+        shared volume, requests that arrive together are decided in one locked
+        transaction (each costs the database a commit otherwise).
         """
-        async with self._lock:
-            total = self._disk()[0]
-            cart_bytes = self._cart_bytes.get(cart_id, 0) + size
-            if cart_bytes > total:
-                raise NoSpace(f"{NO_SPACE}: the cart needs more than the volume's {total} bytes")
-            if self.free() < size:
-                await self._make_room(size)
-            self._cart_bytes[cart_id] = cart_bytes
-            reservation = Reservation(size)
-            self._held[key] = reservation
-            return reservation
+        if not self.volume.shared:
+            async with self._lock:
+                return await self._grant(cart_id, key, size, 0)
+        request = _Request(key, cart_id, size, asyncio.get_running_loop().create_future())
+        self._requests.append(request)
+        if self._granter is None or self._granter.done():
+            self._granter = asyncio.create_task(self._grant_batches(), name="cartd-space")
+        return await request.future  # a cancelled fetch cancels it: the granter skips it
+
+    async def _grant(self, cart_id: int, key: int, size: int, elsewhere: int) -> Reservation:
+        total = self._disk()[0]
+        cart_bytes = self._cart_bytes.get(cart_id, 0) + size
+        if cart_bytes > total:
+            raise NoSpace(f"{NO_SPACE}: the cart needs more than the volume's {total} bytes")
+        if self.free(elsewhere) < size:
+            await self._make_room(size, elsewhere)
+        self._cart_bytes[cart_id] = cart_bytes
+        reservation = Reservation(size)
+        self._held[key] = reservation
+        return reservation
+
+    async def _grant_batches(self) -> None:
+        while self._requests:
+            batch, self._requests = self._requests, []
+            for request, outcome in await self._grant_batch(batch):
+                if request.future.done():  # the fetch was cancelled meanwhile
+                    self.release(request.key)
+                elif isinstance(outcome, Reservation):
+                    request.future.set_result(outcome)
+                else:
+                    request.future.set_exception(outcome)
+
+    async def _grant_batch(
+        self, batch: list[_Request]
+    ) -> list[tuple[_Request, Reservation | Exception]]:
+        """Decide a batch under the space lock; other replicas see it once it commits."""
+        outcomes: list[tuple[_Request, Reservation | Exception]] = []
+        try:
+            async with self._deciding() as (session, elsewhere):
+                for r in (r for r in batch if not r.future.done()):
+                    try:
+                        outcomes.append((r, await self._grant(r.cart_id, r.key, r.size, elsewhere)))
+                    except NoSpace as exc:
+                        outcomes.append((r, exc))
+                promised = {r.key: o.size for r, o in outcomes if isinstance(o, Reservation)}
+                if session is not None:
+                    await store.record_reserved(session, promised)
+        except Exception as exc:  # nothing was promised after all
+            for request, _outcome in outcomes:
+                self.release(request.key)
+            return [(request, exc) for request in batch]
+        return outcomes
 
     def release(self, key: int) -> None:
         """The fetch finished, failed or was cancelled: its unwritten promise is void."""
@@ -112,15 +186,15 @@ class Cache:
     def forget_cart(self, cart_id: int) -> None:
         self._cart_bytes.pop(cart_id, None)
 
-    async def _make_room(self, size: int) -> None:
+    async def _make_room(self, size: int, elsewhere: int) -> None:
         candidates = await self._evictable()
-        if self.free() + sum(_on_disk(c) for c in candidates) < size:
+        if self.free(elsewhere) + sum(_on_disk(c) for c in candidates) < size:
             raise NoSpace(NO_SPACE)  # evicting would destroy carts and still not fit
         for candidate in candidates:
-            if self.free() >= size:
+            if self.free(elsewhere) >= size:
                 return
             await self._evict(candidate, "evicted")
-        if self.free() < size:
+        if self.free(elsewhere) < size:
             raise NoSpace(NO_SPACE)
 
     async def _evictable(self) -> list[CartUsage]:
@@ -133,9 +207,14 @@ class Cache:
         """Delete a finished cart unless it was used or opened since it was chosen."""
         if self.volume.is_streaming(usage.cart_id):
             return False
-        cutoff = time.time() - self.settings.lru_buffer_time
+        now = time.time()
+        cutoff = now - self.settings.lru_buffer_time
         async with self.sessions.begin() as session:
-            unused = (Cart.last_used_at < cutoff, Cart.state.in_(store.FINISHED_CART_STATES))
+            unused = (
+                Cart.last_used_at < cutoff,
+                Cart.state.in_(store.FINISHED_CART_STATES),
+                store.not_held(now),
+            )
             if not await store.mark_deleted(session, usage.cart_id, reason, *unused):
                 return False
         await self.volume.remove_cart(usage.cart_id)
@@ -151,14 +230,17 @@ class Cache:
         return True
 
     async def maintain(self) -> None:
-        """One pass of the background policy: expire carts, then keep free space up."""
+        """One pass of the background policy: expire carts, sweep the directories of
+        deleted ones (a shared volume), then keep free space up."""
         await self.expire()
+        if self.volume.shared:
+            await self.sweep()
         total, free = self._disk()
         low = parse_amount(self.settings.cache_low_watermark, total)
         if free >= low:
             return
         high = parse_amount(self.settings.cache_high_watermark, total)
-        async with self._lock:
+        async with self._deciding():
             for candidate in await self._evictable():
                 if self._disk()[1] >= high:
                     break
@@ -174,10 +256,34 @@ class Cache:
                     continue
             if self.cancel_fetches is not None:
                 await self.cancel_fetches(cart_id)
-            await self.volume.remove_cart(cart_id)
+            await self.discard(cart_id)
             self.metrics.evictions.labels("expired").inc()
             log.info("cart %s expired and was deleted", uid, extra={"cart_id": uid})
         return len(expired)
+
+    async def discard(self, cart_id: int) -> None:
+        """Remove a deleted cart's files, unless another replica still streams them: then
+        the sweep of whichever replica runs it first removes them once the hold lapses."""
+        if self.volume.shared and not self.volume.is_streaming(cart_id):
+            async with self.sessions.begin() as session:
+                if await store.held_elsewhere(session, cart_id, time.time()):
+                    return
+        await self.volume.remove_cart(cart_id)
+
+    async def sweep(self) -> int:
+        """Remove directories of carts that are deleted and no longer streamed anywhere.
+
+        Listed before the database is read: a directory that existed then belongs to a
+        cart row already committed, so the snapshot judges it rightly.
+        """
+        present = await asyncio.to_thread(self.volume.cart_dirs)
+        async with self.sessions.begin() as session:
+            keep = await store.live_cart_ids(session)
+        gone = [path for cart_id, path in present.items() if cart_id not in keep]
+        gone = [p for p in gone if not self.volume.is_streaming(int(p.name))]
+        for path in gone:
+            await asyncio.to_thread(shutil.rmtree, path, True)
+        return len(gone)
 
     async def run(self) -> None:
         """The watermark and expiry loop; an error is logged and the loop goes on."""

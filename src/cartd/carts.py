@@ -262,16 +262,26 @@ def _file_status(row: CartFile) -> FileStatus:
 
 
 async def ready_files(
-    sessions: SessionFactory, uid: str, *, owner: str
+    sessions: SessionFactory, uid: str, *, owner: str, hold: store.Lease | None = None
 ) -> tuple[Cart, Sequence[CartFile]]:
-    """The cart and its files if it can be downloaded now; touches it for LRU."""
+    """The cart and its files if it can be downloaded now; touches it for LRU.
+
+    On a shared volume (`hold` given: this replica and its lease length) it also holds
+    the cart, so that no other replica evicts or removes the files this download is
+    about to read; the download's replica renews the hold while it streams.
+    """
+    gone = "The cart does not exist or has already been deleted"
     async with sessions.begin() as session:
         cart = await store.active_cart(session, owner, uid)
         if cart is None:
-            raise CartNotFound("The cart does not exist or has already been deleted")
+            raise CartNotFound(gone)
         await store.touch(session, cart.id)
         if cart.state != CartState.READY:
             return cart, []
+        if hold is not None:
+            until = time.time() + hold.seconds
+            if not await store.hold_cart(session, cart.id, until, hold.owner):
+                raise CartNotFound(gone)
         return cart, await store.cart_files(session, cart.id)
 
 
@@ -284,6 +294,10 @@ async def delete_cart(
         if cart is None:
             raise CartNotFound(f"No cart with uid {uid} found")
         await store.mark_deleted(session, cart.id)
-    await worker.cancel_cart(cart.id)
-    await volume.remove_cart(cart.id)
+        # Read after the UPDATE: a download starting elsewhere either held the cart before
+        # it (seen here) or finds it deleted (its hold_cart matches no row).
+        held = volume.shared and await store.held_elsewhere(session, cart.id, time.time())
+    await worker.cancel_cart(cart.id)  # other replicas' fetches stop at their next renewal
+    if not held or volume.is_streaming(cart.id):
+        await volume.remove_cart(cart.id)  # else the sweep removes it once the hold lapses
     log.info("cart %s (row %d) deleted", uid, cart.id)

@@ -22,11 +22,14 @@ from cartd.db.session import (
     create_engine,
     create_read_engine,
     create_session_factory,
+    is_shared,
     wait_for_database,
 )
+from cartd.db.store import Lease
 from cartd.metrics import Metrics
 from cartd.progress import ProgressRecorder
 from cartd.recovery import recover
+from cartd.replica import this_process
 from cartd.settings import Settings
 from cartd.staging import Stager
 from cartd.volume import Volume
@@ -63,11 +66,17 @@ async def running(settings: Settings, metrics: Metrics | None = None) -> AsyncIt
             log.info("database schema upgraded: %s -> %s", schema.revision or "empty", schema.head)
         sessions = create_session_factory(engine)
         readers = create_session_factory(read_engine) if read_engine else sessions
-        volume = Volume(settings.volume_path)
-        await recover(sessions, volume)
-        cache = Cache(sessions, volume, settings, metrics)
+        me = this_process()
+        shared = is_shared(settings)
+        volume = Volume(settings.volume_path, me.tag, shared=shared)
+        await recover(sessions, volume, me, sole=not shared)
+        cache = Cache(sessions, volume, settings, me.owner, metrics)
         stager = Stager(archive, volume, cache, settings, metrics)
-        worker = Worker(sessions, stager, settings.fetch_concurrency)
+        lease = Lease(me.owner, settings.lease_seconds)
+        worker = Worker(
+            sessions, stager, settings.fetch_concurrency, lease, settings.cancel_poll_interval
+        )
+        log.info("replica %s started (%s volume)", me.owner, "shared" if shared else "sole")
         cache.cancel_fetches = worker.cancel_cart
         worker.start()
         progress = ProgressRecorder(worker.commits, cache, settings.progress_interval)

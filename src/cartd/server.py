@@ -6,7 +6,8 @@ shutdown.  Left alone, the staging worker would keep claiming new files all thro
 grace period, so a long download would hold the old process busy with work that a
 replacement process is about to start again.  Stopping the worker first means SIGTERM stops
 taking work at once.  Its fetches in flight are cancelled: their `.part` files are removed
-and their rows stay `staging`, which the next start-up requeues, so staging resumes.
+and their rows stay `staging`, which the next start-up requeues (or, with replicas, any
+replica once the lease lapses), so staging resumes.
 
 Behind a reverse proxy, X-Forwarded-For and X-Forwarded-Proto are believed only from
 CARTD_TRUSTED_PROXIES, so the client address in the logs and the scheme of the URLs cartd

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -134,6 +134,14 @@ class Settings(BaseSettings):
     ready_timeout: float = Field(2.0, gt=0, validation_alias=_aliases("READY_TIMEOUT"))
     # Behind a reverse proxy: the path prefix it serves cartd under (see trusted_proxies).
     root_path: str = Field("", validation_alias=_aliases("ROOT_PATH"))
+    # Replicas: a claimed file's lease lasts this long unless renewed; a dead replica's
+    # files are taken over after at most one lease.  Every CANCEL_POLL_INTERVAL seconds
+    # a replica renews its leases and stops fetches whose cart was deleted or failed
+    # elsewhere, which bounds how long a DELETE on another replica takes to stop them.
+    lease_seconds: float = Field(60.0, gt=0, validation_alias=_aliases("LEASE_SECONDS"))
+    cancel_poll_interval: float = Field(
+        5.0, gt=0, validation_alias=_aliases("CANCEL_POLL_INTERVAL")
+    )
 
     @field_validator("cache_low_watermark", "cache_high_watermark")
     @classmethod
@@ -154,6 +162,15 @@ class Settings(BaseSettings):
         if value and not value.startswith("/"):
             raise ValueError("ROOT_PATH must be empty or start with / (e.g. /cartd)")
         return value
+
+    @model_validator(mode="after")
+    def _renewals_fit_the_lease(self) -> Settings:
+        if self.cancel_poll_interval * 3 > self.lease_seconds:
+            raise ValueError(
+                "CARTD_CANCEL_POLL_INTERVAL must be at most a third of CARTD_LEASE_SECONDS, "
+                "so that a lease is renewed at least twice before it lapses"
+            )
+        return self
 
     @field_validator("archive_interface_url")
     @classmethod

@@ -2,9 +2,11 @@
 
 Layout: `<volume>/carts/<cart row id>/<file row id>`.  Bundle paths never touch the file
 system, so no client-supplied path can escape its cart directory, and a reused cart uid
-gets a fresh directory.  In-progress downloads are `<file row id>.part`; only a completed,
-verified, fsynced file is renamed to its final name, so a crash can never leave a partial
-file that looks staged.
+gets a fresh directory.  In-progress downloads are `<file row id>.<replica tag>.part`; only
+a completed, verified, fsynced file is renamed to its final name, so a crash can never
+leave a partial file that looks staged.  The replica tag keeps two replicas' attempts at
+one file apart: a replica that lost its lease but has not noticed yet cannot write into
+the file its successor is writing.
 """
 
 from __future__ import annotations
@@ -33,8 +35,12 @@ class Hold:
 
 
 class Volume:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tag: str = "", *, shared: bool = False) -> None:
         self.root = root.resolve()
+        self.tag = tag
+        # Other replicas use this volume too: their downloads hold carts through the
+        # database (`carts.held_until`), and this process's downloads must do the same.
+        self.shared = shared
         self.carts_dir = self.root / "carts"
         self._streams: Counter[int] = Counter()
         self._doomed: set[int] = set()
@@ -49,7 +55,8 @@ class Volume:
         return self.cart_dir(cart_id) / str(file_id)
 
     def part_path(self, cart_id: int, file_id: int) -> Path:
-        return self.cart_dir(cart_id) / f"{file_id}{PART_SUFFIX}"
+        tag = f".{self.tag}" if self.tag else ""
+        return self.cart_dir(cart_id) / f"{file_id}{tag}{PART_SUFFIX}"
 
     def hold(self, cart_id: int) -> Hold:
         """Keep a cart's files on disk, even across a DELETE, until the hold is released.
@@ -74,6 +81,10 @@ class Volume:
     def is_streaming(self, cart_id: int) -> bool:
         return bool(self._streams.get(cart_id))
 
+    def streaming_carts(self) -> list[int]:
+        """Carts this process streams now; their hold in the database is renewed."""
+        return sorted(self._streams)
+
     async def remove_cart(self, cart_id: int) -> None:
         """Delete a cart's files now, or when its last running download ends."""
         if self._streams[cart_id]:
@@ -91,10 +102,13 @@ class Volume:
                     found[int(entry.name)] = entry
         return found
 
-    def remove_parts(self, cart_dir: Path) -> None:
-        """Half-written downloads are never resumed: the archive is asked again."""
+    def parts(self, cart_dir: Path) -> list[tuple[int | None, Path]]:
+        """Half-written downloads in a cart directory, with the file row id each is for."""
+        found: list[tuple[int | None, Path]] = []
         for part in cart_dir.glob(f"*{PART_SUFFIX}"):
-            part.unlink(missing_ok=True)
+            head = part.name.split(".", 1)[0]
+            found.append((int(head) if head.isdigit() else None, part))
+        return found
 
 
 def commit_file(part: Path, final: Path, mtime: float) -> None:

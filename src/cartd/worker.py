@@ -4,6 +4,12 @@ A file row moves waiting -> staging (claimed here) -> staged | error (recorded h
 The database is the queue: nothing is handed over in memory, so a restart (even after
 kill -9) finds every unfinished file as a row and starts it again.  Memory only holds the
 asyncio tasks, so that a DELETE can cancel its cart's fetches promptly.
+
+Several replicas may share the database.  A claim is a lease (owner, expiry) that the
+lease loop here renews every CARTD_CANCEL_POLL_INTERVAL seconds.  The same renewal tells
+a replica which of its fetches it lost (the cart was deleted or failed on another replica,
+or the lease lapsed and someone took the file over), and those are cancelled.  Leases
+that lapsed, a dead replica's, go back to `waiting` for any replica to claim.
 """
 
 from __future__ import annotations
@@ -22,40 +28,56 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from cartd import logs
 from cartd.archive import ArchiveFileError
 from cartd.db import store
+from cartd.db.deadlock import retry_deadlocks
 from cartd.db.group_commit import GroupCommit
 from cartd.db.session import SessionFactory
-from cartd.db.store import FileJob
+from cartd.db.store import FileJob, Lease
 from cartd.staging import Stager
 
 log = logging.getLogger(__name__)
 
 IDLE_POLL_SECONDS = 5.0
 ERROR_PAUSE_SECONDS = 2.0
-REAP_SECONDS = 30.0
+# Without a successful renewal for this share of the lease, fetches stop: another replica
+# may take the files over once the lease lapses, and two must never fetch one file.
+LEASE_SAFETY = 0.75
 DB_WRITE_ATTEMPTS = 8  # about two minutes of backoff before an outcome write gives up
 T = TypeVar("T")
 
 
 class Worker:
-    def __init__(self, sessions: SessionFactory, stager: Stager, concurrency: int) -> None:
+    def __init__(
+        self,
+        sessions: SessionFactory,
+        stager: Stager,
+        concurrency: int,
+        lease: Lease,
+        renew_interval: float,
+    ) -> None:
         self.sessions = sessions
         self.stager = stager
         self.concurrency = concurrency
+        self.lease = lease
+        self.renew_interval = renew_interval
         self._commits = GroupCommit(sessions)
         self._wake = asyncio.Event()
         self._tasks: dict[asyncio.Task[None], FileJob] = {}
         # Carts cancelled lately: a claim that read them as live just before the DELETE
         # committed must not start their fetches.  Bounded; older ids cannot race any more.
         self._cancelled: deque[int] = deque(maxlen=1024)
-        self._last_reap = time.monotonic()
+        self._renewed = time.monotonic()
         self._loop_task: asyncio.Task[None] | None = None
+        self._lease_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._run(), name="cartd-worker")
+        self._lease_task = asyncio.create_task(self._keep_leases(), name="cartd-leases")
 
     async def stop(self) -> None:
-        """Cancel everything; interrupted files stay `staging` and are requeued at next start."""
-        tasks = [*self._tasks, *([self._loop_task] if self._loop_task else [])]
+        """Cancel everything; interrupted files stay `staging` until their lease lapses
+        (or the next start of a single replica) and are then fetched again."""
+        loops = [t for t in (self._loop_task, self._lease_task) if t is not None]
+        tasks = [*self._tasks, *loops]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -100,7 +122,6 @@ class Worker:
                 continue
             if claimed:
                 continue
-            await self._reap()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS)
 
@@ -108,8 +129,7 @@ class Worker:
         free = self.concurrency - len(self._tasks)
         if free <= 0:
             return 0
-        async with self.sessions.begin() as session:
-            jobs = await store.claim_files(session, free)
+        jobs = await retry_deadlocks(lambda: self._claim_files(free))
         for job in jobs:
             if job.cart_id in self._cancelled:
                 continue
@@ -118,18 +138,52 @@ class Worker:
             task.add_done_callback(self._finished)
         return len(jobs)
 
-    async def _reap(self) -> None:
-        """Every wait must end: requeue `staging` rows whose fetch task is gone."""
-        if time.monotonic() - self._last_reap < REAP_SECONDS:
+    async def _claim_files(self, limit: int) -> list[FileJob]:
+        """One claim transaction; a deadlock victim (a cart failing as its files are
+        claimed takes the same rows in the other order) runs again at once."""
+        async with self.sessions.begin() as session:
+            return await store.claim_files(session, limit, self.lease)
+
+    async def _keep_leases(self) -> None:
+        """Renew, cancel what was lost, requeue what lapsed; forever, every interval."""
+        while True:
+            await asyncio.sleep(self.renew_interval)
+            try:
+                await self.renew()
+            except Exception as exc:  # the loop must outlive any one failure
+                log.warning("could not renew leases: %s", exc)
+                self._stop_if_unsure()
+
+    async def renew(self) -> None:
+        """One pass of the lease loop, in the outcomes' group commit (it writes the same rows)."""
+        running = {job.file_id: task for task, job in self._tasks.items()}
+        volume = self.stager.volume
+        streaming = volume.streaming_carts() if volume.shared else []  # holds for others
+        until = time.time() + self.lease.seconds
+
+        async def renewal(session: AsyncSession) -> tuple[set[int], int]:
+            await store.hold_carts(session, streaming, until, self.lease.owner)
+            lost = await store.renew_leases(session, list(running), self.lease)
+            return lost, await store.requeue_expired(session)
+
+        lost, requeued = await self._commits.run(renewal)
+        self._renewed = time.monotonic()
+        for file_id in lost:  # a fetch that just recorded its outcome is done: no news
+            if (task := running.get(file_id)) is not None and task in self._tasks:
+                log.info("file row %d: lease lost (cart deleted or failed elsewhere)", file_id)
+                task.cancel()
+        if requeued:
+            log.warning("requeued %d file(s) whose lease lapsed", requeued)
+            self.wake()
+
+    def _stop_if_unsure(self) -> None:
+        """Renewals failing for most of a lease: stop fetching before someone takes over."""
+        if time.monotonic() - self._renewed < self.lease.seconds * LEASE_SAFETY:
             return
-        self._last_reap = time.monotonic()
-        running = [job.file_id for job in self._tasks.values()]
-        try:
-            async with self.sessions.begin() as session:
-                if orphans := await store.requeue_orphans(session, running):
-                    log.warning("requeued %d file(s) whose fetch had ended unrecorded", orphans)
-        except SQLAlchemyError as exc:
-            log.warning("could not look for orphaned fetches: %s", exc)
+        if self._tasks:
+            log.error("leases not renewed in time: stopping %d fetch(es)", len(self._tasks))
+        for task in self._tasks:
+            task.cancel()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)

@@ -408,8 +408,9 @@ async def download_cart(
     fmt = bundle_format or formats.from_accept(request.headers.get("accept"))
     try:
         name = bundle.check_name(filename or bundle.default_name(fmt=fmt), fmt)
+        hold_for = runtime.worker.lease if runtime.volume.shared else None
         cart, files = await retry_deadlocks(
-            lambda: carts.ready_files(runtime.sessions, cart_id, owner=owner)
+            lambda: carts.ready_files(runtime.sessions, cart_id, owner=owner, hold=hold_for)
         )
     except bundle.InvalidBundleName as exc:
         return error_response(400, str(exc))

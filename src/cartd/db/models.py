@@ -78,6 +78,10 @@ class Cart(Base):
     # the cart, whose bundle then lists them in ERRORS.json.
     manifest: Mapped[bool] = mapped_column(Boolean, default=False)
     allow_partial: Mapped[bool] = mapped_column(Boolean, default=False)
+    # While some replica streams this cart's files (renewed as it streams): no replica
+    # may evict them or delete its directory before then.
+    held_until: Mapped[float | None] = mapped_column(Double, default=None)
+    held_by: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class CartFile(Base):
@@ -108,3 +112,17 @@ class CartFile(Base):
     # before schema 0003 (a download computes and saves them on first need).
     crc32: Mapped[int | None] = mapped_column(BigInteger, default=None)
     sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    # A `staging` row's lease: the replica fetching it, until when (renewed while it
+    # fetches), and the bytes that fetch promised itself on the shared volume.
+    lease_owner: Mapped[str | None] = mapped_column(String(64), default=None)
+    lease_expires: Mapped[float | None] = mapped_column(Double, default=None)
+    reserved: Mapped[int | None] = mapped_column(BigInteger, default=None)
+
+
+class Lock(Base):
+    """Named rows that replicas lock (SELECT ... FOR UPDATE) to serialise a decision."""
+
+    __tablename__ = "cartd_locks"
+    __table_args__ = ({"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"},)
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)

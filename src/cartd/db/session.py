@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, text
@@ -42,6 +43,22 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     ):
         cursor.execute(pragma)
     cursor.close()
+
+
+def sqlite_file(settings: Settings) -> Path | None:
+    """The SQLite database file, or None for a server database (which replicas can share).
+
+    An in-memory SQLite database has no file, and no other process can reach it anyway.
+    """
+    url = make_url(settings.database_url)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database).resolve()
+
+
+def is_shared(settings: Settings) -> bool:
+    """Several replicas can use one server database; SQLite is one process's."""
+    return make_url(settings.database_url).get_backend_name() != "sqlite"
 
 
 def create_engine(settings: Settings) -> AsyncEngine:

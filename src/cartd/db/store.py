@@ -13,11 +13,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, exists, func, insert, select, text, update
+from sqlalchemy import (
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cartd.db.models import Cart, CartFile, CartState, FileState
+from cartd.db.models import Cart, CartFile, CartState, FileState, Lock
 
 LIVE_CART_STATES = (CartState.WAITING, CartState.STAGING)
 FINISHED_CART_STATES = (CartState.READY, CartState.ERROR)
@@ -180,11 +191,20 @@ def _usage_query() -> Any:
     )
 
 
+def not_held(now: float) -> Any:
+    """No replica streams the cart's files (its hold lapsed or was never taken)."""
+    return or_(Cart.held_until.is_(None), Cart.held_until < now)
+
+
 async def eviction_candidates(session: AsyncSession, used_before: float) -> list[CartUsage]:
-    """Finished carts not used since `used_before`, least recently used first."""
+    """Finished carts not used since `used_before` nor held, least recently used first."""
     query = (
         _usage_query()
-        .where(Cart.state.in_(FINISHED_CART_STATES), Cart.last_used_at < used_before)
+        .where(
+            Cart.state.in_(FINISHED_CART_STATES),
+            Cart.last_used_at < used_before,
+            not_held(time.time()),
+        )
         .order_by(Cart.last_used_at, Cart.id)
     )
     return [CartUsage(*row) for row in (await session.execute(query)).all()]
@@ -223,6 +243,51 @@ async def touch(session: AsyncSession, cart_id: int) -> None:
     )
 
 
+async def hold_carts(
+    session: AsyncSession, cart_ids: Sequence[int], until: float, owner: str
+) -> None:
+    """Keep carts' files from every replica's eviction until `until` (a download runs)."""
+    if cart_ids:
+        await session.execute(
+            _update(Cart)
+            .where(Cart.id.in_(sorted(cart_ids)))
+            .values(held_until=until, held_by=owner)
+        )
+
+
+async def hold_owners(session: AsyncSession) -> list[str]:
+    """Every replica holding a cart now (start-up looks for dead ones on its host)."""
+    result = await session.execute(
+        select(Cart.held_by).where(Cart.held_by.is_not(None), ~not_held(time.time())).distinct()
+    )
+    return [owner for owner in result.scalars().all() if owner is not None]
+
+
+async def release_holds(session: AsyncSession, owners: Sequence[str]) -> None:
+    """Holds of replicas known dead end now: their downloads died with them."""
+    if owners:
+        await session.execute(
+            _update(Cart).where(Cart.held_by.in_(owners)).values(held_until=None, held_by=None)
+        )
+
+
+async def hold_cart(session: AsyncSession, cart_id: int, until: float, owner: str) -> bool:
+    """Take a download's hold; False if the cart was deleted meanwhile (by any replica)."""
+    result = await session.execute(
+        _update(Cart)
+        .where(Cart.id == cart_id, Cart.state != CartState.DELETED)
+        .values(held_until=until, held_by=owner)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def held_elsewhere(session: AsyncSession, cart_id: int, now: float) -> bool:
+    """Whether some replica's download still holds the cart's files."""
+    held = await session.execute(select(Cart.held_until).where(Cart.id == cart_id))
+    until = held.scalar()
+    return until is not None and until >= now
+
+
 async def cart_files(session: AsyncSession, cart_id: int) -> Sequence[CartFile]:
     result = await session.execute(
         select(CartFile).where(CartFile.cart_id == cart_id).order_by(CartFile.position)
@@ -254,23 +319,32 @@ async def cart_totals(session: AsyncSession, cart_id: int) -> CartTotals:
 CLAIM_CARTS = 64  # live carts looked at per claim; the oldest are served first
 
 
-async def claim_files(session: AsyncSession, limit: int) -> list[FileJob]:
-    """Move up to `limit` waiting files of live carts to `staging`, oldest cart first.
+@dataclass(frozen=True)
+class Lease:
+    """Who claims (a replica id) and until when the claim holds unless renewed."""
+
+    owner: str
+    seconds: float
+
+
+async def _live_carts(session: AsyncSession) -> dict[int, str]:
+    """Live carts' row ids and client ids (log lines of a fetch name the client's id)."""
+    query = select(Cart.id, Cart.uid).where(Cart.state.in_(LIVE_CART_STATES)).order_by(Cart.id)
+    rows = (await session.execute(query.limit(CLAIM_CARTS))).all()
+    return {cart_id: uid for cart_id, uid in rows}
+
+
+async def claim_files(session: AsyncSession, limit: int, lease: Lease) -> list[FileJob]:
+    """Lease up to `limit` waiting files of live carts to this replica, oldest cart first.
 
     Live carts are chosen first, so the files of dead carts, however many, are never
-    scanned.  A DELETE racing this claim is settled by the worker, which drops jobs of
-    carts it was told to cancel.
+    scanned.  The file rows are locked with SKIP LOCKED (MariaDB >= 10.6, MySQL 8): two
+    replicas claiming at once each take different rows instead of waiting for each other
+    (SQLite, one process, ignores the clause).  A DELETE racing this claim is settled by
+    the worker, which drops jobs of carts it was told to cancel, and on other replicas by
+    the lease renewal, which finds the cart deleted.
     """
-    live = dict(
-        (
-            await session.execute(
-                select(Cart.id, Cart.uid)
-                .where(Cart.state.in_(LIVE_CART_STATES))
-                .order_by(Cart.id)
-                .limit(CLAIM_CARTS)
-            )
-        ).all()
-    )
+    live = await _live_carts(session)
     if not live:
         return []
     rows = (
@@ -285,6 +359,7 @@ async def claim_files(session: AsyncSession, limit: int) -> list[FileJob]:
             .where(CartFile.state == FileState.WAITING, CartFile.cart_id.in_(list(live)))
             .order_by(CartFile.cart_id, CartFile.position)
             .limit(limit)
+            .with_for_update(skip_locked=True)
         )
     ).all()
     if not rows:
@@ -293,7 +368,14 @@ async def claim_files(session: AsyncSession, limit: int) -> list[FileJob]:
     await session.execute(
         _update(CartFile)
         .where(CartFile.id.in_([r[0] for r in rows]), CartFile.state == FileState.WAITING)
-        .values(state=FileState.STAGING, attempts=CartFile.attempts + 1, updated_at=now)
+        .values(
+            state=FileState.STAGING,
+            attempts=CartFile.attempts + 1,
+            updated_at=now,
+            lease_owner=lease.owner,
+            lease_expires=now + lease.seconds,
+            reserved=None,
+        )
     )
     await session.execute(
         _update(Cart)
@@ -301,6 +383,117 @@ async def claim_files(session: AsyncSession, limit: int) -> list[FileJob]:
         .values(state=CartState.STAGING, updated_at=now)
     )
     return [FileJob(*row, cart_uid=live[row[1]]) for row in rows]
+
+
+async def renew_leases(session: AsyncSession, file_ids: Sequence[int], lease: Lease) -> set[int]:
+    """Extend this replica's leases on `file_ids`; returns the ids it no longer may fetch.
+
+    A lease is lost when its row went back to `waiting` (the cart failed, or the lease
+    lapsed), when another replica took it over, or when its cart is no longer live (a
+    DELETE, an expiry or an eviction on any replica).  The caller cancels those fetches.
+    A row this replica finished (staged or failed, possibly in this very transaction) is
+    not lost: its fetch is over.
+    """
+    if not file_ids:
+        return set()
+    now = time.time()
+    mine = and_(CartFile.lease_owner == lease.owner, CartFile.state == FileState.STAGING)
+    await session.execute(
+        _update(CartFile)
+        .where(CartFile.id.in_(sorted(file_ids)), mine)
+        .values(lease_expires=now + lease.seconds)
+    )
+    finished = CartFile.state.in_((FileState.STAGED, FileState.ERROR))
+    lost = await session.execute(
+        select(CartFile.id)
+        .join(Cart, Cart.id == CartFile.cart_id)
+        .where(
+            CartFile.id.in_(file_ids),
+            or_(~Cart.state.in_(LIVE_CART_STATES), and_(~mine, ~finished)),
+        )
+    )
+    return set(lost.scalars().all())
+
+
+def _lease_lapsed(now: float) -> Any:
+    return or_(CartFile.lease_expires.is_(None), CartFile.lease_expires < now)
+
+
+async def requeue_expired(session: AsyncSession, dead: Sequence[str] = ()) -> int:
+    """`staging` rows whose lease lapsed go back to `waiting`: their replica died or gave up.
+    So do the rows of `dead` owners, known dead before their leases lapse.
+
+    Replaces the single-process reaper: a row is requeued by time, never because this
+    process happens not to be fetching it, since another replica may well be.
+    """
+    now = time.time()
+    lapsed = or_(_lease_lapsed(now), CartFile.lease_owner.in_(dead)) if dead else _lease_lapsed(now)
+    result = await session.execute(
+        _update(CartFile).where(CartFile.state == FileState.STAGING, lapsed).values(_requeued(now))
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _requeued(now: float) -> dict[str, Any]:
+    return {
+        "state": FileState.WAITING,
+        "bytes_staged": 0,
+        "updated_at": now,
+        "lease_owner": None,
+        "lease_expires": None,
+        "reserved": None,
+    }
+
+
+async def lease_owners(session: AsyncSession) -> list[str]:
+    """Every replica holding a lease now (start-up looks for dead ones on its host)."""
+    result = await session.execute(
+        select(CartFile.lease_owner)
+        .where(CartFile.state == FileState.STAGING, CartFile.lease_owner.is_not(None))
+        .distinct()
+    )
+    return [owner for owner in result.scalars().all() if owner is not None]
+
+
+async def leased_files(session: AsyncSession) -> set[int]:
+    """Ids of files some replica is fetching now (a `.part` of theirs must survive)."""
+    now = time.time()
+    result = await session.execute(
+        select(CartFile.id).where(CartFile.state == FileState.STAGING, ~_lease_lapsed(now))
+    )
+    return set(result.scalars().all())
+
+
+async def lock_space(session: AsyncSession) -> None:
+    """Serialise space decisions across replicas until this transaction ends."""
+    await session.execute(select(Lock.name).where(Lock.name == "space").with_for_update())
+
+
+async def promised_elsewhere(session: AsyncSession, owner: str) -> int:
+    """Bytes other replicas' live fetches promised themselves and have not written yet.
+
+    Their written bytes come from the progress rows, which lag: the estimate errs on the
+    side of less free space, never more.
+    """
+    now = time.time()
+    unwritten = CartFile.reserved - CartFile.bytes_staged
+    outstanding = func.sum(case((unwritten > 0, unwritten), else_=0))
+    result = await session.execute(
+        select(func.coalesce(outstanding, 0)).where(
+            CartFile.state == FileState.STAGING,
+            CartFile.reserved.is_not(None),
+            CartFile.lease_owner != owner,
+            ~_lease_lapsed(now),
+        )
+    )
+    return int(result.scalar() or 0)
+
+
+async def record_reserved(session: AsyncSession, promised: Mapping[int, int]) -> None:
+    """Space promised to fetches (file id -> bytes), as one executemany."""
+    if promised:
+        rows = [{"file_id": key, "promise": promised[key]} for key in sorted(promised)]
+        await session.execute(_RESERVE, rows)
 
 
 async def record_size(session: AsyncSession, file_id: int, size: int, mtime: float) -> None:
@@ -318,6 +511,11 @@ _PROGRESS = (
     update(_FILES)
     .where(_FILES.c.id == bindparam("file_id"), _FILES.c.state == FileState.STAGING)
     .values(bytes_staged=bindparam("written"))
+)
+
+
+_RESERVE = (
+    update(_FILES).where(_FILES.c.id == bindparam("file_id")).values(reserved=bindparam("promise"))
 )
 
 
@@ -368,6 +566,9 @@ async def file_staged(
             crc32=crc32,
             sha256=sha256,
             updated_at=now,
+            lease_owner=None,
+            lease_expires=None,
+            reserved=None,
         )
     )
     if partial:
@@ -401,14 +602,22 @@ async def file_failed(session: AsyncSession, job: FileJob, error: str) -> bool:
     await session.execute(
         _update(CartFile)
         .where(CartFile.id == job.file_id)
-        .values(state=FileState.ERROR, error=error, bytes_staged=0, updated_at=now)
+        .values(
+            state=FileState.ERROR,
+            error=error,
+            bytes_staged=0,
+            updated_at=now,
+            lease_owner=None,
+            lease_expires=None,
+            reserved=None,
+        )
     )
     if partial:
         return await finish_partial(session, job.cart_id, now)
     await session.execute(
         _update(CartFile)
         .where(CartFile.cart_id == job.cart_id, CartFile.state == FileState.STAGING)
-        .values(state=FileState.WAITING, bytes_staged=0, updated_at=now)
+        .values(_requeued(now))
     )
     result = await session.execute(
         _update(Cart)
@@ -465,32 +674,21 @@ async def record_checksums(session: AsyncSession, found: dict[int, tuple[int, st
         await session.execute(update(CartFile), rows)  # bulk UPDATE by primary key
 
 
-async def requeue_orphans(session: AsyncSession, running: Sequence[int]) -> int:
-    """`staging` rows that no fetch in this process owns go back to `waiting`.
-
-    Single-replica rule: this process is the only one fetching, so such a row lost its
-    task (e.g. an outcome write that failed for minutes) and must not stay stuck.
-    """
-    result = await session.execute(
-        _update(CartFile)
-        .where(CartFile.state == FileState.STAGING, CartFile.id.not_in(running))
-        .values(state=FileState.WAITING, bytes_staged=0, updated_at=time.time())
-    )
-    return int(result.rowcount)  # type: ignore[attr-defined]
-
-
 async def requeue_interrupted(session: AsyncSession) -> int:
-    """After a restart nothing is in flight, so `staging` rows are work to do again."""
+    """After a restart of the only replica (SQLite) nothing is in flight, so `staging`
+    rows are work to do again, whatever their leases say."""
     result = await session.execute(
-        _update(CartFile)
-        .where(CartFile.state == FileState.STAGING)
-        .values(state=FileState.WAITING, bytes_staged=0, updated_at=time.time())
+        _update(CartFile).where(CartFile.state == FileState.STAGING).values(_requeued(time.time()))
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 async def live_cart_ids(session: AsyncSession) -> set[int]:
-    result = await session.execute(select(Cart.id).where(Cart.state != CartState.DELETED))
+    """Carts whose directory must stay: not deleted, or still streamed by some replica."""
+    now = time.time()
+    result = await session.execute(
+        select(Cart.id).where(or_(Cart.state != CartState.DELETED, ~not_held(now)))
+    )
     return set(result.scalars().all())
 
 
@@ -515,11 +713,7 @@ async def restage_files(session: AsyncSession, file_ids: Sequence[int]) -> None:
         .where(Cart.id.in_(cart_ids), Cart.state == CartState.READY)
         .values(state=CartState.STAGING, ready_at=None, updated_at=now)
     )
-    await session.execute(
-        _update(CartFile)
-        .where(CartFile.id.in_(file_ids))
-        .values(state=FileState.WAITING, bytes_staged=0, updated_at=now)
-    )
+    await session.execute(_update(CartFile).where(CartFile.id.in_(file_ids)).values(_requeued(now)))
 
 
 @contextmanager
@@ -540,6 +734,8 @@ def schema_lock(connection: Connection, timeout: int = 600) -> Iterator[None]:
         yield
     finally:
         connection.execute(text(f"SELECT RELEASE_LOCK({name})"))
+
+
 async def ping(session: AsyncSession) -> None:
     """The cheapest statement that proves the database answers (readiness)."""
     await session.execute(text("SELECT 1"))
