@@ -44,7 +44,7 @@ def main() -> None:
         standalone_service(args.database, Path(tmp)) as (service, archive),
     ):
         report = Soak(service.client, archive, config).run()
-        assert_volume_clean(service.volume)
+        assert_volume_clean(service.volume, service.client)
     emit(
         {
             "seed": seed,

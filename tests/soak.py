@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from archive_server import ArchiveServer
 from cartd_proc import tar_digests
-from conftest import entry, part_files
+from conftest import entry, part_files, wait_for
 
 HASH_MISMATCH = "File hash does not match provided hash"
 
@@ -175,5 +176,17 @@ class Soak:
         return self.report
 
 
-def assert_volume_clean(volume: Any) -> None:
+def fetches_in_flight(client: httpx.Client) -> float:
+    """The service's own count of running fetches, as Prometheus would scrape it."""
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        if family.name == "cartd_fetches_in_flight":
+            return float(family.samples[0].value)
+    raise AssertionError("no cartd_fetches_in_flight in /metrics")
+
+
+def assert_volume_clean(volume: Any, client: httpx.Client) -> None:
+    """Once no fetch runs, no `.part` may remain.  A cart that fails cancels its siblings'
+    fetches, which remove their own `.part` as they unwind, just after the cart reads
+    `error`: so the check waits for the worker to go idle, not for the files to vanish."""
+    wait_for(lambda: fetches_in_flight(client) == 0, "the worker to go idle", timeout=30)
     assert part_files(volume) == [], "a .part file outlived its download"

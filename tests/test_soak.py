@@ -22,7 +22,7 @@ def test_soak_under_random_faults(service: Service, archive: ArchiveServer) -> N
     # The faults were real and about as frequent as asked for.
     assert 0.1 < report.faults_injected / report.archive_requests < 0.3, report
     assert {kind.split()[1] for kind in report.faults} >= {"500", "503", "drop", "truncate"}
-    assert_volume_clean(service.volume)
+    assert_volume_clean(service.volume, service.client)
 
 
 def test_checksum_error_names_the_file_in_the_status(
