@@ -109,7 +109,7 @@ def test_replicas_share_the_work_and_take_over_a_killed_one(
         for path, data in files.items():
             archive.add_file(f"{uid}/{path}", data)
             fileids.append(entry(f"{uid}/{path}", path, data, "sha256"))
-        target = victim if n == 15 else rng.choice(alive(group))
+        target = victim if n == 15 and not orphaned else rng.choice(alive(group))
         assert target.post(uid, fileids).status_code == 201
         expected[uid] = {p: entry("", p, d, "sha256")["hashsum"] for p, d in files.items()}
         if not orphaned and n >= 5 and leased_by(mariadb_url, victim, mid_stream=True):
