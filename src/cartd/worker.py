@@ -210,7 +210,7 @@ class Worker:
             lambda s: store.file_staged(s, job, staged.size, staged.mtime, sums.crc32, sums.sha256)
         ):
             self.stager.cache.forget_cart(job.cart_id)
-            log.info("cart %d is ready", job.cart_id)
+            log.info("cart %s is ready", job.cart_uid)
 
     async def _settle(self, operation: Callable[[AsyncSession], Awaitable[T]]) -> T:
         """Write an outcome, riding out a database blip: a lost write would strand the cart."""
@@ -225,7 +225,7 @@ class Worker:
         raise AssertionError("unreachable")
 
     async def _record_failure(self, job: FileJob, error: str) -> None:
-        log.warning("file %s of cart %d failed: %s", job.archive_id, job.cart_id, error)
+        log.warning("file %s of cart %s failed: %s", job.archive_id, job.cart_uid, error)
         if await self._settle(lambda s: store.file_failed(s, job, error)):
             self.stager.cache.forget_cart(job.cart_id)
             await self._cancel_siblings(job)
