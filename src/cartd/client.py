@@ -34,7 +34,6 @@ EXIT_OK, EXIT_CART, EXIT_USAGE = 0, 1, 2
 TERMINAL = ("ready", "error")
 MANIFEST = "MANIFEST.sha256"
 ERRORS = "ERRORS.json"
-CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 DESCRIPTION = "Post a cart to cartd, watch it stage, download, extract and verify it."
 _MANIFEST_LINE = re.compile(r"(\\?)([0-9a-fA-F]{64}) [ *](.+)")
@@ -335,11 +334,8 @@ def download(http: httpx.Client, cart_id: str, name: str, part: Path, options: O
 
 
 def _digest(path: Path, hashtype: str) -> str:
-    hasher = hashlib.new(hashtype)
     with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            hasher.update(chunk)
-    return hasher.hexdigest()
+        return hashlib.file_digest(handle, hashtype).hexdigest()
 
 
 def _inside(top: Path, relative: str) -> Path | None:

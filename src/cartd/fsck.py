@@ -37,8 +37,6 @@ from cartd.settings import Settings
 from cartd.volume import PART_SUFFIX, Volume
 from cartd.volume_lock import exclusive
 
-HASH_CHUNK = 1 << 20
-
 
 class Kind(StrEnum):
     ORPHAN_DIR = "orphan-dir"
@@ -91,11 +89,8 @@ async def _snapshot(sessions: SessionFactory) -> _Snapshot:
 
 
 def _digest(path: Path, hashtype: str) -> str:
-    hasher = hashlib.new(hashtype)
     with path.open("rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            hasher.update(chunk)
-    return hasher.hexdigest()
+        return hashlib.file_digest(handle, hashtype).hexdigest()
 
 
 def _check_staged(path: Path, row: FileRow, checksums: bool) -> Finding | None:
