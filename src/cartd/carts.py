@@ -242,7 +242,13 @@ def _totals_of(rows: Sequence[CartFile]) -> store.CartTotals:
 
 
 async def retry_after(sessions: SessionFactory, cart: Cart | CartBrief) -> int:
-    """Seconds a HEAD poller should wait before asking about a staging cart again."""
+    """Seconds a HEAD poller should wait before asking about a staging cart again.
+
+    A waiting cart has no rate yet (eta_seconds gives None for it), so it gets the default
+    without summing its file rows: that aggregate is the costly part of a poller's HEAD.
+    """
+    if cart.state != CartState.STAGING:
+        return progress.retry_after(None)
     async with sessions.begin() as session:
         totals = await store.cart_totals(session, cart.id)
     eta = progress.eta_seconds(cart.state, cart.updated_at, totals, time.time())
