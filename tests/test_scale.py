@@ -14,6 +14,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
@@ -21,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 
 from archive_server import ArchiveServer, GetStream
+from cartd.volume_lock import DatabaseBusy, VolumeBusy, serving
 from cartd_proc import Cartd, cartd_env, tar_digests
 from conftest import database, entry, part_files, wait_for
 from test_cache import Mount, set_last_used, sync_url, tmpfs  # noqa: F401 - a fixture
@@ -233,3 +235,21 @@ def test_replicas_answer_for_each_others_carts(replicas: Start, archive: Archive
     assert one.state("anywhere")[0] == 404
     with pytest.raises(httpx.HTTPStatusError):
         one.status("anywhere")
+
+
+def _enter(lock: AbstractContextManager[None]) -> None:
+    with lock:
+        pass
+
+
+def test_the_volume_lock_follows_the_recovery_mode(tmp_path: Path) -> None:
+    """A sole service (any SQLite, in-memory included) recovers destructively, so it holds
+    the volume alone; replicas share it, and never with a sole service."""
+    root = tmp_path / "volume"
+    with serving(root, sole=True), pytest.raises(VolumeBusy):  # in-memory SQLite
+        _enter(serving(root, sole=False))
+    with serving(root, sole=False), serving(root, sole=False), pytest.raises(VolumeBusy):
+        _enter(serving(root, sole=True))
+    db = tmp_path / "cartd.db"
+    with serving(root, sole=True, sqlite_file=db), pytest.raises(DatabaseBusy):
+        _enter(serving(tmp_path / "other-volume", sole=True, sqlite_file=db))

@@ -12,7 +12,7 @@ from cartd.api import carts, errors, events, openapi, ops
 from cartd.api.access import AccessLog
 from cartd.api.auth import authenticator
 from cartd.api.peer import RealPeer
-from cartd.db.session import sqlite_file
+from cartd.db.session import is_shared, sqlite_file
 from cartd.metrics import Metrics
 from cartd.runtime import running
 from cartd.settings import Settings
@@ -27,7 +27,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Recovery and fsck delete what they do not own: SQLite makes this the only
         # cartd on the volume and database; replicas of a server database share it.
-        with serving(settings.volume_path, sqlite_file(settings)):
+        sole = not is_shared(settings)  # as runtime.running recovers the volume
+        with serving(settings.volume_path, sole=sole, sqlite_file=sqlite_file(settings)):
             async with running(settings, metrics) as runtime:
                 app.state.runtime = runtime
                 yield

@@ -68,10 +68,16 @@ def shared(root: Path) -> Iterator[None]:
 
 
 @contextmanager
-def serving(root: Path, sqlite_file: Path | None) -> Iterator[None]:
-    """The locks `cartd serve` needs: SQLite (a file) makes it the one and only replica."""
-    if sqlite_file is None:
+def serving(root: Path, *, sole: bool, sqlite_file: Path | None = None) -> Iterator[None]:
+    """The locks `cartd serve` needs.  A sole service (SQLite) holds the volume
+    exclusively, as its recovery assumes; with a SQLite file it also holds the database,
+    so that a second service on it refuses to start whatever volume it names."""
+    if not sole:
         with shared(root):
+            yield
+        return
+    if sqlite_file is None:  # in-memory SQLite: no file that another process could open
+        with exclusive(root):
             yield
         return
     lock = sqlite_file.with_name(sqlite_file.name + SQLITE_LOCK_SUFFIX)

@@ -92,9 +92,9 @@ def create_read_engine(settings: Settings) -> AsyncEngine | None:
     """Read-only connections for status reads on a SQLite file; None where the main
     engine serves reads as well (MariaDB's pool, or an in-memory SQLite database that a
     second connection would not see)."""
-    url = make_url(settings.database_url)
-    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+    if sqlite_file(settings) is None:
         return None
+    url = make_url(settings.database_url)
     engine = create_async_engine(url, pool_size=READERS, max_overflow=0, pool_timeout=60)
     event.listen(engine.sync_engine, "connect", _read_only)
     return engine
