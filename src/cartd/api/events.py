@@ -100,7 +100,7 @@ class _Watch:
         """The current status; None once the cart is gone.  A database blip skips a beat."""
         try:
             return await carts.cart_status(
-                self.runtime.sessions, self.cart_id, owner=self.owner, files=self.files
+                self.runtime.readers, self.cart_id, owner=self.owner, files=self.files
             )
         except SQLAlchemyError as exc:
             log.warning("event stream for cart %s could not read its status: %s", self.cart_id, exc)
@@ -174,7 +174,7 @@ async def cart_events(
 ) -> Response:
     """404 before the stream starts for an unknown cart, so a client can tell at once."""
     try:
-        first = await carts.cart_status(runtime.sessions, cart_id, owner=owner, files=files)
+        first = await carts.cart_status(runtime.readers, cart_id, owner=owner, files=files)
     except carts.CartNotFound as exc:
         return error_response(404, str(exc))
     watch = _Watch(runtime, owner, cart_id, files)
