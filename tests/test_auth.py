@@ -127,6 +127,7 @@ def test_token_mode_needs_a_valid_token(token_service: Service, archive: Archive
         ({"Authorization": f"Token {ALICE}"}, None),
         (_basic("bob", ALICE), "invalid_token"),  # alice's token, bob's name
         ({"Authorization": "Basic !!!"}, "invalid_request"),
+        ({"Authorization": b"Basic \xe9t\xe9"}, "invalid_request"),  # not even ASCII
     ]
     for headers, error in refusals:
         response = client.post("/c", json=body, headers=headers)

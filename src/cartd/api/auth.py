@@ -16,7 +16,6 @@ documentation never depend on it: they say nothing about anybody's carts.
 from __future__ import annotations
 
 import base64
-import binascii
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -98,7 +97,9 @@ def _from_token(tokens: Tokens, authorization: str) -> str:
 def _basic(credentials: str) -> tuple[str, str]:
     try:
         decoded = base64.b64decode(credentials, validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    # binascii.Error and UnicodeDecodeError are ValueErrors, as is a non-ASCII header
+    # (Starlette decodes headers as latin-1): all are the client's malformed credentials.
+    except ValueError:
         raise _unauthorized("malformed Basic credentials", error="invalid_request") from None
     user, _, token = decoded.partition(":")
     return user, token
