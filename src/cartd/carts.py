@@ -156,33 +156,31 @@ async def create_cart(
     return Created(existing.id, new=False)
 
 
-async def find_cart(sessions: SessionFactory, uid: str, *, owner: str, touch: bool = False) -> Cart:
-    async with sessions.begin() as session:
-        cart = await store.active_cart(session, owner, uid)
-        if cart is None:
-            raise CartNotFound(f"No cart with uid {uid} found")
-        if touch:
-            await store.touch(session, cart.id)
-    return cart
-
-
 async def head_status(
     readers: SessionFactory, sessions: SessionFactory, uid: str, *, owner: str
-) -> CartBrief:
-    """HEAD's read: one SELECT on a reader connection; the LRU write only when it is due.
+) -> tuple[CartBrief, int]:
+    """HEAD's read, and the Retry-After for a poller of a cart still staging.
 
-    Pollers hit this thousands of times a second.  The read-only transaction never waits
-    for the writer, and the touch (at most once a second per cart) is skipped in Python
-    when the row just read shows it recent, instead of by an UPDATE matching no row.
+    Pollers hit this thousands of times a second, so it is one read-only transaction on a
+    reader connection, which never waits for the writer.  The per-file totals behind the
+    ETA are summed only while the cart stages (a waiting cart has no rate yet).  The LRU
+    touch (at most once a second per cart) is skipped in Python when the row just read
+    shows it recent, instead of by an UPDATE matching no row.
     """
     async with readers() as session:
         cart = await store.cart_brief(session, owner, uid)
+        totals = None
+        if cart is not None and cart.state == CartState.STAGING:
+            totals = await store.cart_totals(session, cart.id)
     if cart is None:
         raise CartNotFound(f"No cart with uid {uid} found")
     if store.touch_due(cart.last_used_at, time.time()):
         async with sessions.begin() as session:
             await store.touch(session, cart.id)
-    return cart
+    eta = None
+    if totals is not None:
+        eta = progress.eta_seconds(cart.state, cart.updated_at, totals, time.time())
+    return cart, progress.retry_after(eta)
 
 
 async def cart_status(
@@ -239,20 +237,6 @@ def _totals_of(rows: Sequence[CartFile]) -> store.CartTotals:
         staging=states[FileState.STAGING],
         sized=sum(row.size is not None for row in rows),
     )
-
-
-async def retry_after(sessions: SessionFactory, cart: Cart | CartBrief) -> int:
-    """Seconds a HEAD poller should wait before asking about a staging cart again.
-
-    A waiting cart has no rate yet (eta_seconds gives None for it), so it gets the default
-    without summing its file rows: that aggregate is the costly part of a poller's HEAD.
-    """
-    if cart.state != CartState.STAGING:
-        return progress.retry_after(None)
-    async with sessions.begin() as session:
-        totals = await store.cart_totals(session, cart.id)
-    eta = progress.eta_seconds(cart.state, cart.updated_at, totals, time.time())
-    return progress.retry_after(eta)
 
 
 def _file_status(row: CartFile) -> FileStatus:

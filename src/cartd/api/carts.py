@@ -213,7 +213,7 @@ def _status_headers(state: str, message: str) -> dict[str, str]:
 )
 async def head_cart(owner: Owner, cart_id: CartId, runtime: RuntimeDep) -> Response:
     try:
-        cart = await retry_deadlocks(
+        cart, retry_after = await retry_deadlocks(
             lambda: carts.head_status(runtime.readers, runtime.sessions, cart_id, owner=owner)
         )
     except carts.CartNotFound as exc:
@@ -221,7 +221,7 @@ async def head_cart(owner: Owner, cart_id: CartId, runtime: RuntimeDep) -> Respo
     code = 500 if cart.state == CartState.ERROR else 204
     headers = _status_headers(cart.state, cart.message)
     if headers["X-Pacifica-Status"] == "staging":
-        headers["Retry-After"] = str(await carts.retry_after(runtime.readers, cart))
+        headers["Retry-After"] = str(retry_after)
     return Response(status_code=code, headers=headers)
 
 
