@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from cartd import bundle, carts, downloads, logs
 from cartd.api import examples, formats, openapi, ranges
 from cartd.api.auth import Owner
+from cartd.api.dependencies import RuntimeDep
 from cartd.api.errors import error_response, header_text
 from cartd.api.openapi import INTERNAL, error, head_error, header
 from cartd.api.ops import RESERVED_CART_IDS
@@ -34,13 +35,7 @@ from cartd.volume import Hold
 router = APIRouter()
 
 
-# The dependencies are coroutines: FastAPI runs a plain function in a worker thread, two
-# thread hops per request that cost a HEAD poller more than its database read.
-async def _runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
-
-
+# A coroutine, like every dependency here: a plain function would run in a worker thread.
 async def _cart_id(
     cart_id: Annotated[
         str,
@@ -65,7 +60,6 @@ async def _cart_id(
     return cart_id
 
 
-RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 CartId = Annotated[str, Depends(_cart_id)]
 FilesParam = Annotated[
     bool,

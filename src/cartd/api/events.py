@@ -22,7 +22,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cartd import carts
 from cartd.api.auth import Owner
-from cartd.api.carts import BAD_STATUS_QUERY, NO_SUCH_CART, CartId, FilesParam, RuntimeDep
+from cartd.api.carts import BAD_STATUS_QUERY, NO_SUCH_CART, CartId, FilesParam
+from cartd.api.dependencies import RuntimeDep
 from cartd.api.errors import error_response
 from cartd.api.openapi import INTERNAL, header
 from cartd.db.models import CartState

@@ -7,27 +7,19 @@ creating a cart that could never be downloaded.
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client.exposition import choose_encoder
 from pydantic import BaseModel, Field
 
 from cartd import health, scrape
-from cartd.runtime import Runtime
+from cartd.api.dependencies import RuntimeDep
 from cartd.schemas import Message
 
 router = APIRouter(tags=["service"])
 RESERVED_CART_IDS = frozenset({"healthz", "readyz", "metrics"})
 
 
-def _runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
-
-
-RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 
 
 _CHECKS = "Each check (database, volume, worker) and `ok` or what is wrong with it"
