@@ -39,6 +39,10 @@ class InvalidCart(CartError):
     pass
 
 
+# What pacifica-cartd answers for a cart that a download or DELETE cannot find.
+GONE = "The cart does not exist or has already been deleted"
+
+
 class CartNotFound(CartError):
     pass
 
@@ -260,18 +264,17 @@ async def ready_files(
     the cart, so that no other replica evicts or removes the files this download is
     about to read; the download's replica renews the hold while it streams.
     """
-    gone = "The cart does not exist or has already been deleted"
     async with sessions.begin() as session:
         cart = await store.active_cart(session, owner, uid)
         if cart is None:
-            raise CartNotFound(gone)
+            raise CartNotFound(GONE)
         await store.touch(session, cart.id)
         if cart.state != CartState.READY:
             return cart, []
         if hold is not None:
             until = time.time() + hold.seconds
             if not await store.hold_cart(session, cart.id, until, hold.owner):
-                raise CartNotFound(gone)
+                raise CartNotFound(GONE)
         return cart, await store.cart_files(session, cart.id)
 
 
@@ -282,7 +285,7 @@ async def delete_cart(
     async with sessions.begin() as session:
         cart = await store.active_cart(session, owner, uid)
         if cart is None:
-            raise CartNotFound(f"No cart with uid {uid} found")
+            raise CartNotFound(GONE)
         await store.mark_deleted(session, cart.id)
         # Read after the UPDATE: a download starting elsewhere either held the cart before
         # it (seen here) or finds it deleted (its hold_cart matches no row).

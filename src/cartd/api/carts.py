@@ -488,8 +488,8 @@ async def delete_cart(owner: Owner, cart_id: CartId, runtime: RuntimeDep) -> Res
                 runtime.sessions, runtime.worker, runtime.volume, cart_id, owner=owner
             )
         )
-    except carts.CartNotFound:
-        return error_response(404, "The cart does not exist or has already been deleted")
+    except carts.CartNotFound as exc:
+        return error_response(404, str(exc))
     return JSONResponse({"message": "Cart Deleted Successfully"})
 
 

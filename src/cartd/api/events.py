@@ -33,7 +33,6 @@ from cartd.schemas import CartStatus
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-GONE = "The cart does not exist or has already been deleted"
 RECONNECT_MS = 2000  # what a browser's EventSource waits before it reconnects
 TERMINAL = (CartState.READY, CartState.ERROR)
 # Fields that change without the cart progressing; they ride along but trigger nothing.
@@ -85,7 +84,7 @@ class _Watch:
 
     def deleted_event(self) -> bytes:
         self.number += 1
-        return _event("deleted", self.number, {"cart_id": self.cart_id, "message": GONE})
+        return _event("deleted", self.number, {"cart_id": self.cart_id, "message": carts.GONE})
 
     def heartbeat(self) -> bytes | None:
         if time.monotonic() - self.sent_at < self.runtime.settings.events_heartbeat:
