@@ -253,3 +253,26 @@ def test_the_volume_lock_follows_the_recovery_mode(tmp_path: Path) -> None:
     db = tmp_path / "cartd.db"
     with serving(root, sole=True, sqlite_file=db), pytest.raises(DatabaseBusy):
         _enter(serving(tmp_path / "other-volume", sole=True, sqlite_file=db))
+
+
+def test_a_cart_deleted_while_another_replica_streams_it_is_swept_after_the_download(
+    replicas: Start, archive: ArchiveServer, tmp_path: Path
+) -> None:
+    """DELETE on B must not pull the files from under A's download; once A's hold lapses,
+    some replica's cache pass removes the directory."""
+    streamer, deleter = replicas(2, cache_check_interval="0.2", **SCALE)
+    data = os.urandom(24 * MiB)  # more than loopback buffers hold: A is still sending
+    archive.add_file("big", data)
+    assert streamer.post("c", [entry("big", "big.bin", data)]).status_code == 201
+    assert streamer.wait_settled("c") == (204, "ready", "")
+    carts_dir = tmp_path / "volume" / "carts"
+    with streamer.client.stream("GET", "/c", params={"filename": "c.tar"}) as download:
+        chunks = download.iter_bytes()
+        body = [next(chunks)]
+        assert deleter.client.delete("/c").status_code == 200
+        assert deleter.state("c")[0] == 404
+        time.sleep(LEASE + 1.0)  # the hold outlives a lease only because A renews it
+        assert list(carts_dir.iterdir()), "the files went while a download held them"
+        body.extend(chunks)
+    assert tar_digests(b"".join(body)) == {"big.bin": entry("", "", data, "sha256")["hashsum"]}
+    wait_for(lambda: not list(carts_dir.iterdir()), "the sweep to remove the files", 15)

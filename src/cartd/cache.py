@@ -266,7 +266,7 @@ class Cache:
         the sweep of whichever replica runs it first removes them once the hold lapses."""
         if self.volume.shared and not self.volume.is_streaming(cart_id):
             async with self.sessions.begin() as session:
-                if await store.held_elsewhere(session, cart_id, time.time()):
+                if await store.is_held(session, cart_id, time.time()):
                     return
         await self.volume.remove_cart(cart_id)
 
@@ -279,8 +279,11 @@ class Cache:
         present = await asyncio.to_thread(self.volume.cart_dirs)
         async with self.sessions.begin() as session:
             keep = await store.live_cart_ids(session)
-        gone = [path for cart_id, path in present.items() if cart_id not in keep]
-        gone = [p for p in gone if not self.volume.is_streaming(int(p.name))]
+        gone = [
+            path
+            for cart_id, path in present.items()
+            if cart_id not in keep and not self.volume.is_streaming(cart_id)
+        ]
         for path in gone:
             await asyncio.to_thread(shutil.rmtree, path, True)
         return len(gone)

@@ -289,7 +289,7 @@ async def delete_cart(
         await store.mark_deleted(session, cart.id)
         # Read after the UPDATE: a download starting elsewhere either held the cart before
         # it (seen here) or finds it deleted (its hold_cart matches no row).
-        held = volume.shared and await store.held_elsewhere(session, cart.id, time.time())
+        held = volume.shared and await store.is_held(session, cart.id, time.time())
     await worker.cancel_cart(cart.id)  # other replicas' fetches stop at their next renewal
     if not held or volume.is_streaming(cart.id):
         await volume.remove_cart(cart.id)  # else the sweep removes it once the hold lapses

@@ -281,11 +281,9 @@ async def hold_cart(session: AsyncSession, cart_id: int, until: float, owner: st
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-async def held_elsewhere(session: AsyncSession, cart_id: int, now: float) -> bool:
-    """Whether some replica's download still holds the cart's files."""
-    held = await session.execute(select(Cart.held_until).where(Cart.id == cart_id))
-    until = held.scalar()
-    return until is not None and until >= now
+async def is_held(session: AsyncSession, cart_id: int, now: float) -> bool:
+    """Whether a replica's download (this one's included) still holds the cart's files."""
+    return bool(await session.scalar(select(exists().where(Cart.id == cart_id, ~not_held(now)))))
 
 
 async def cart_files(session: AsyncSession, cart_id: int) -> Sequence[CartFile]:
