@@ -26,6 +26,7 @@ from cartd.volume_lock import DatabaseBusy, VolumeBusy, serving
 from cartd_proc import Cartd, cartd_env, tar_digests
 from conftest import database, entry, part_files, wait_for
 from test_cache import Mount, set_last_used, sync_url, tmpfs  # noqa: F401 - a fixture
+from test_observability import TcpForwarder
 
 MiB = 1 << 20
 LEASE = 2.0
@@ -276,3 +277,28 @@ def test_a_cart_deleted_while_another_replica_streams_it_is_swept_after_the_down
         body.extend(chunks)
     assert tar_digests(b"".join(body)) == {"big.bin": entry("", "", data, "sha256")["hashsum"]}
     wait_for(lambda: not list(carts_dir.iterdir()), "the sweep to remove the files", 15)
+
+
+def test_a_replica_cut_off_from_the_database_stops_its_fetches(
+    mariadb_url: str, archive: ArchiveServer, tmp_path: Path
+) -> None:
+    """A replica that cannot renew its leases stops fetching before they can lapse, so the
+    replica that takes its files over never fetches beside it."""
+    forwarder = TcpForwarder(("127.0.0.1", 3306)).start()
+    url = mariadb_url.replace(":3306/", f":{forwarder.port}/")
+    replica = Cartd(cartd_env(url, tmp_path / "volume", archive.url, **SCALE), tmp_path / "r.log")
+    try:
+        replica.wait_up()
+        archive.get_chunk_delay = 0.2  # 30 MiB: six seconds of streaming if nobody stops it
+        data = os.urandom(30 * MiB)
+        archive.add_file("slow", data)
+        assert replica.post("cut", [entry("slow", "s.bin", data)]).status_code == 201
+        wait_for(lambda: bool(archive.streams), "the fetch to start", 30)
+        forwarder.stop()
+        stream = archive.streams[0]
+        wait_for(lambda: stream.ended is not None, "the cut-off replica to hang up", LEASE + 2)
+        assert not stream.whole
+        assert "leases not renewed in time: stopping 1 fetch(es)" in replica.log_text()
+        assert replica.proc.poll() is None  # it stops fetching, not living
+    finally:
+        replica.kill()
