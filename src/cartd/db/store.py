@@ -620,9 +620,14 @@ async def file_failed(session: AsyncSession, job: FileJob, error: str) -> bool:
     result = await session.execute(
         _update(Cart)
         .where(Cart.id == job.cart_id, Cart.state.in_(LIVE_CART_STATES))
-        .values(state=CartState.ERROR, message=f"Failed to pull file({error})", updated_at=now)
+        .values(state=CartState.ERROR, message=failed_message(error), updated_at=now)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def failed_message(error: str) -> str:
+    """pacifica-cartd's text for a cart that failed; clients match on it."""
+    return f"Failed to pull file({error})"
 
 
 async def finish_partial(session: AsyncSession, cart_id: int, now: float) -> bool:
@@ -637,8 +642,8 @@ async def finish_partial(session: AsyncSession, cart_id: int, now: float) -> boo
     if (await session.execute(select(pending))).scalar():
         return False
     totals = await cart_totals(session, cart_id)
-    path, error = await _first_failure(session, cart_id)
-    values: dict[str, Any] = {"state": CartState.ERROR, "message": f"Failed to pull file({error})"}
+    path, error = await _first_failure(session, cart_id) if totals.errored else ("", "")
+    values: dict[str, Any] = {"state": CartState.ERROR, "message": failed_message(error)}
     if totals.staged:
         summary = f"{totals.errored} of {totals.files} files failed: {path}: {error}"
         message = summary if totals.errored else ""
