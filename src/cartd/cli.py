@@ -76,7 +76,6 @@ def _fsck(args: argparse.Namespace, settings: Settings) -> None:
     from cartd import fsck
     from cartd.volume_lock import VolumeBusy
 
-    asyncio.run(_with_database(settings, _current_schema))  # its tables must be ours, current
     try:
         outcome = asyncio.run(fsck.fsck(settings, fix=args.repair, checksums=args.checksums))
     except VolumeBusy as exc:
@@ -109,16 +108,10 @@ async def _with_database(
     from cartd.volume import Volume
 
     async def run(engine: AsyncEngine) -> T:
-        status = await migrate.status(engine)
-        if status.state is not migrate.SchemaState.CURRENT:
-            raise migrate.SchemaMismatch(status)
+        await migrate.require_current(engine)
         return await action(create_session_factory(engine), Volume(settings.volume_path))
 
     return await _with_engine(settings, run)
-
-
-async def _current_schema(_sessions: SessionFactory, _volume: Volume) -> None:
-    """Nothing to do: `_with_database` has checked the schema on the way in."""
 
 
 def _list_carts(_args: argparse.Namespace, settings: Settings) -> None:

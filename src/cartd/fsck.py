@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from cartd.db import audit, store
+from cartd.db import audit, migrate, store
 from cartd.db.audit import CartRow, FileRow
 from cartd.db.models import CartState, FileState
 from cartd.db.session import (
@@ -222,6 +222,7 @@ async def fsck(settings: Settings, *, fix: bool, checksums: bool) -> Outcome:
     try:
         with exclusive(volume.root):
             await wait_for_database(engine, settings)
+            await migrate.require_current(engine)  # its tables must be ours, and current
             sessions = create_session_factory(engine)
             found = await check(sessions, volume, checksums)
             if not fix or not found.findings:

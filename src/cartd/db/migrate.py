@@ -127,6 +127,13 @@ async def status(engine: AsyncEngine) -> SchemaStatus:
         return await conn.run_sync(_status)
 
 
+async def require_current(engine: AsyncEngine) -> None:
+    """Admin commands read and write the tables as this cartd defines them: refuse others."""
+    found = await status(engine)
+    if found.state is not SchemaState.CURRENT:
+        raise SchemaMismatch(found)
+
+
 def _locked(connection: Connection, change: Callable[[Connection], T]) -> T:
     with schema_lock(connection):
         return change(connection)
