@@ -23,10 +23,14 @@ from typing import Any
 import httpx
 import pymysql
 import pytest
+import sqlalchemy as sa
 import uvicorn
+from alembic import command
+from alembic.config import Config
 
 from archive_server import ArchiveServer
 from cartd.app import create_app
+from cartd.db import migrate
 from cartd.settings import Settings
 
 MARIADB = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
@@ -63,6 +67,25 @@ def database(kind: str, root: Path) -> Iterator[str]:
         with admin.cursor() as cursor:
             cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
         admin.close()
+
+
+def sync_url(db_url: str) -> str:
+    """The same database through a blocking driver, for tests that set rows up directly."""
+    return db_url.replace("+aiosqlite", "").replace("+aiomysql", "+pymysql")
+
+
+@contextlib.contextmanager
+def schema_at(db_url: str, revision: str) -> Iterator[tuple[sa.Connection, Config]]:
+    """A connection to the database migrated to `revision`, and the Alembic config to move
+    it on: for migration tests that put old-shaped rows in first."""
+    engine = sa.create_engine(sync_url(db_url))
+    try:
+        with engine.begin() as conn:
+            config = migrate.alembic_config(conn)
+            command.upgrade(config, revision)
+            yield conn, config
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture(params=DATABASES)

@@ -11,7 +11,6 @@ import base64
 import hashlib
 import json
 from collections.abc import Iterator
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ import pytest
 import requests
 import sqlalchemy as sa
 from alembic import command
-from alembic.config import Config
 from pacifica.downloader import Downloader
 
 from archive_server import ArchiveServer
@@ -31,7 +29,15 @@ from cartd.client import main as client_main
 from cartd.settings import Settings
 from cartd.tokens import TokenFileError, parse_tokens
 from cartd_proc import Cartd, cartd_env
-from conftest import MakeService, Service, assert_error, database, entry, make_ready
+from conftest import (
+    MakeService,
+    Service,
+    assert_error,
+    database,
+    entry,
+    make_ready,
+    schema_at,
+)
 
 ALICE = "alice-token-0123456789abcdef"
 BOB = "bob-token-fedcba9876543210"
@@ -325,26 +331,18 @@ OWNED = CART.replace("(id, uid,", "(id, owner, uid,").replace("VALUES ({},", "VA
 
 def test_schema_0005_gives_old_carts_no_owner_and_goes_back(db_url: str) -> None:
     """Old carts are everybody's (owner ""); downgrading purges owned carts, keeps the rest."""
-    engine = sa.create_engine(db_url.replace("+aiosqlite", "").replace("+aiomysql", "+pymysql"))
-    config = Config()
-    config.set_main_option("script_location", str(files("cartd") / "migrations"))
-    try:
-        with engine.begin() as conn:
-            config.attributes["connection"] = conn
-            command.upgrade(config, "0003")
-            conn.execute(sa.text(CART.format(1)))
-            command.upgrade(config, "0005")
-            assert conn.execute(sa.text("SELECT owner FROM carts")).scalar() == ""
-            conn.execute(sa.text(OWNED.format(2)))  # the same id, another owner
-            with pytest.raises(sa.exc.IntegrityError), conn.begin_nested():
-                conn.execute(sa.text(OWNED.format(3)))  # the same owner and id
-            command.downgrade(config, "0003")
-            rows = conn.execute(sa.text("SELECT id, active_uid, state FROM carts ORDER BY id"))
-            assert [tuple(row) for row in rows] == [(1, "old", "ready"), (2, None, "deleted")]
-            with pytest.raises(sa.exc.IntegrityError), conn.begin_nested():
-                conn.execute(sa.text(CART.format(4)))  # one namespace again
-    finally:
-        engine.dispose()
+    with schema_at(db_url, "0003") as (conn, config):
+        conn.execute(sa.text(CART.format(1)))
+        command.upgrade(config, "0005")
+        assert conn.execute(sa.text("SELECT owner FROM carts")).scalar() == ""
+        conn.execute(sa.text(OWNED.format(2)))  # the same id, another owner
+        with pytest.raises(sa.exc.IntegrityError), conn.begin_nested():
+            conn.execute(sa.text(OWNED.format(3)))  # the same owner and id
+        command.downgrade(config, "0003")
+        rows = conn.execute(sa.text("SELECT id, active_uid, state FROM carts ORDER BY id"))
+        assert [tuple(row) for row in rows] == [(1, "old", "ready"), (2, None, "deleted")]
+        with pytest.raises(sa.exc.IntegrityError), conn.begin_nested():
+            conn.execute(sa.text(CART.format(4)))  # one namespace again
 
 
 # --- the OpenAPI document's access-control answers are the service's own -----------------

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from archive_server import ArchiveServer
-from conftest import MakeService, Service, entry, wait_for
+from conftest import MakeService, Service, entry, sync_url, wait_for
 
 MiB = 1 << 20
 CARTD = str(Path(sys.executable).parent / "cartd")
@@ -39,10 +39,6 @@ def tmpfs(tmp_path: Path) -> Iterator[Mount]:
     yield mount
     for target in mounted:
         subprocess.run(["umount", "-l", str(target)], check=False)
-
-
-def sync_url(db_url: str) -> str:
-    return db_url.replace("+aiosqlite", "").replace("+aiomysql", "+pymysql")
 
 
 def set_last_used(db_url: str, uid: str, when: float) -> None:

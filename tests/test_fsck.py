@@ -14,13 +14,9 @@ import sqlalchemy as sa
 
 from archive_server import ArchiveServer
 from cartd_proc import Cartd, cartd_env, run_fsck, tar_digests
-from conftest import MakeService, Service, entry
+from conftest import MakeService, Service, entry, sync_url
 
 BLOBS = {f"{cart}{n}": os.urandom(5000 + 100 * n) for cart in "abc" for n in range(3)}
-
-
-def sync_url(db_url: str) -> str:
-    return db_url.replace("+aiosqlite", "").replace("+aiomysql", "+pymysql")
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import os
 import subprocess
 import tarfile
 import zipfile
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,10 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from alembic import command
-from alembic.config import Config
 
 from archive_server import ArchiveServer
 from cartd_proc import cartd_env, run_fsck
-from conftest import MTIME, MakeService, Service, assert_error, entry
+from conftest import MTIME, MakeService, Service, assert_error, entry, schema_at, sync_url
 
 GOOD = {
     "a.txt": (b"alpha\n" * 100, "sha1"),
@@ -295,7 +293,7 @@ def test_fsck_accepts_a_partial_cart_and_repairs_an_unfinished_one(
     env = cartd_env(db_url, first.volume, archive.url)
     clean = run_fsck(env)
     assert clean.returncode == 0, clean.stdout + clean.stderr
-    engine = sa.create_engine(db_url.replace("+aiosqlite", "").replace("+aiomysql", "+pymysql"))
+    engine = sa.create_engine(sync_url(db_url))
     try:
         with engine.begin() as conn:  # as if the process died before finishing the cart
             conn.execute(sa.text("UPDATE carts SET state = 'staging', message = ''"))
@@ -324,20 +322,12 @@ FILE_0002 = (
 
 def test_schema_0003_upgrades_carts_staged_before_it(db_url: str) -> None:
     """Old carts get no options and NULL checksums (computed at their first zip); and back."""
-    engine = sa.create_engine(db_url.replace("+aiosqlite", "").replace("+aiomysql", "+pymysql"))
-    config = Config()
-    config.set_main_option("script_location", str(files("cartd") / "migrations"))
-    try:
-        with engine.begin() as conn:
-            config.attributes["connection"] = conn
-            command.upgrade(config, "0002")
-            conn.execute(sa.text(CART_0002))
-            conn.execute(sa.text(FILE_0002))
-            command.upgrade(config, "0003")
-            options = conn.execute(sa.text("SELECT manifest, allow_partial FROM carts")).one()
-            sums = conn.execute(sa.text("SELECT crc32, sha256 FROM cart_files")).one()
-            assert (tuple(options), tuple(sums)) == ((False, False), (None, None))
-            command.downgrade(config, "0002")
-            assert conn.execute(sa.text("SELECT path FROM cart_files")).scalar() == "a.txt"
-    finally:
-        engine.dispose()
+    with schema_at(db_url, "0002") as (conn, config):
+        conn.execute(sa.text(CART_0002))
+        conn.execute(sa.text(FILE_0002))
+        command.upgrade(config, "0003")
+        options = conn.execute(sa.text("SELECT manifest, allow_partial FROM carts")).one()
+        sums = conn.execute(sa.text("SELECT crc32, sha256 FROM cart_files")).one()
+        assert (tuple(options), tuple(sums)) == ((False, False), (None, None))
+        command.downgrade(config, "0002")
+        assert conn.execute(sa.text("SELECT path FROM cart_files")).scalar() == "a.txt"

@@ -24,8 +24,8 @@ import sqlalchemy as sa
 from archive_server import ArchiveServer, GetStream
 from cartd.volume_lock import DatabaseBusy, VolumeBusy, serving
 from cartd_proc import Cartd, cartd_env, tar_digests
-from conftest import database, entry, part_files, wait_for
-from test_cache import Mount, set_last_used, sync_url, tmpfs  # noqa: F401 - a fixture
+from conftest import database, entry, part_files, sync_url, wait_for
+from test_cache import Mount, set_last_used, tmpfs  # noqa: F401 - a fixture
 from test_observability import TcpForwarder
 
 MiB = 1 << 20

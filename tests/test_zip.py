@@ -40,6 +40,7 @@ from conftest import (
     assert_error,
     make_ready,
     standalone_service,
+    sync_url,
 )
 
 LATER = MTIME + 10
@@ -537,10 +538,6 @@ def test_served_zip_extracts_like_the_tar(ready: Ready, tmp_path: Path) -> None:
 
 
 # --- checksums recorded while staging, or computed late for old rows -----------------------------
-
-
-def sync_url(db_url: str) -> str:
-    return db_url.replace("+aiosqlite", "").replace("+aiomysql", "+pymysql")
 
 
 def checksum_rows(db_url: str) -> dict[str, tuple[int | None, str | None]]:

@@ -85,10 +85,11 @@ class SchemaMismatch(RuntimeError):
 
 
 def scripts() -> ScriptDirectory:
-    return ScriptDirectory.from_config(_config(None))
+    return ScriptDirectory.from_config(alembic_config(None))
 
 
-def _config(connection: Connection | None) -> Config:
+def alembic_config(connection: Connection | None) -> Config:
+    """Our migrations, run on `connection` (None: only to read the scripts)."""
     config = Config()
     config.set_main_option("script_location", str(files("cartd") / "migrations"))
     config.attributes["connection"] = connection
@@ -118,7 +119,7 @@ def _upgrade(connection: Connection) -> SchemaStatus:
     if status.state in (SchemaState.UNKNOWN, SchemaState.UNVERSIONED):
         raise SchemaMismatch(status)
     if status.state is not SchemaState.CURRENT:
-        command.upgrade(_config(connection), "head")
+        command.upgrade(alembic_config(connection), "head")
     return status
 
 
@@ -148,7 +149,7 @@ async def upgrade(engine: AsyncEngine) -> SchemaStatus:
 async def downgrade(engine: AsyncEngine, revision: str) -> None:
     """Step the schema back to `revision` (`base` drops every table), for a rollback."""
     async with engine.begin() as conn:
-        await conn.run_sync(_locked, lambda c: command.downgrade(_config(c), revision))
+        await conn.run_sync(_locked, lambda c: command.downgrade(alembic_config(c), revision))
 
 
 def _prepare(connection: Connection, auto_migrate: bool) -> SchemaStatus:
@@ -156,7 +157,7 @@ def _prepare(connection: Connection, auto_migrate: bool) -> SchemaStatus:
     if status.state is SchemaState.EMPTY or (
         status.state is SchemaState.BEHIND and auto_migrate
     ):
-        command.upgrade(_config(connection), "head")
+        command.upgrade(alembic_config(connection), "head")
     elif status.state is not SchemaState.CURRENT:
         raise SchemaMismatch(status)
     return status
