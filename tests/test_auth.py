@@ -248,7 +248,10 @@ def test_pacifica_downloader_auth_argument(
 
 
 def test_cartd_client_token_file(
-    token_service: Service, archive: ArchiveServer, tmp_path: Path
+    token_service: Service,
+    archive: ArchiveServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     archive.add_file("k", b"kept")
     cart = tmp_path / "cart.json"
@@ -258,6 +261,7 @@ def test_cartd_client_token_file(
     out = tmp_path / "out"
     get = ["get", str(cart), "-o", str(out), "--url", token_service.url, "--quiet"]
     assert client_main(get) == 2  # no token: exit 2, the credentials are wrong, not the cart
+    assert "not authorised" in capsys.readouterr().err  # not some other exit-2 error
     assert client_main([*get, "--token-file", str(token)]) == 0
     assert (out / "cart" / "k.txt").read_bytes() == b"kept"
 

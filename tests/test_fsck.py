@@ -135,7 +135,11 @@ def test_fsck_refuses_a_volume_in_use_and_a_second_service_cannot_start(
         rival.client.close()
         assert "in use by another cartd process" in rival.log_text()
     else:
-        rival.wait_up()
-        assert run_fsck(env, "--repair").returncode == 2
-        rival.kill()
+        try:
+            rival.wait_up()
+            refused = run_fsck(env, "--repair")
+            assert refused.returncode == 2
+            assert "in use by another cartd process" in refused.stderr
+        finally:
+            rival.kill()
     assert service.client.get("/").status_code == 200
