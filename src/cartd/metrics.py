@@ -101,10 +101,15 @@ class Metrics:
     def _state(self) -> None:
         r = self.registry
         self.carts = Gauge(
-            "cartd_carts", "Carts by state (deleted ones not counted)", ["state"], registry=r
+            "cartd_carts",
+            "Carts by state in the whole database (deleted ones not counted)",
+            ["state"],
+            registry=r,
         )
         self.queue_depth = Gauge(
-            "cartd_queue_depth", "Files of live carts waiting to be staged", registry=r
+            "cartd_queue_depth",
+            "Files of live carts waiting to be staged, in the whole database",
+            registry=r,
         )
         self.fetches_in_flight = Gauge(
             "cartd_fetches_in_flight", "File fetches running in this process", registry=r
