@@ -6,6 +6,7 @@ did and with what the archive server saw; logs are read from a real `cartd serve
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import io
@@ -23,7 +24,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from archive_server import ArchiveServer
-from cartd import logs
+from cartd import health, logs
+from cartd.archive.base import ArchiveFileError, TransientArchiveError
+from cartd.archive.metered import outcome_of
 from cartd.runtime import Runtime
 from cartd.settings import Settings
 from cartd_proc import Cartd, cartd_env
@@ -432,3 +435,27 @@ def test_log_formats() -> None:
         assert "hi you" in console
         assert "cart_id" in console
         assert "c-1" in console
+
+
+@pytest.mark.parametrize(
+    ("exc", "outcome"),
+    [
+        (TransientArchiveError("503"), "transient"),
+        (ArchiveFileError("gone"), "file_error"),
+        (asyncio.CancelledError(), "cancelled"),
+        (OSError(28, "No space left on device"), "error"),
+    ],
+)
+def test_archive_outcome_labels(exc: BaseException, outcome: str) -> None:
+    """The label a failed archive request is counted under, for each way it can end."""
+    assert outcome_of(exc) == outcome
+
+
+async def test_a_readiness_check_that_hangs_is_reported_as_such() -> None:
+    never = asyncio.get_running_loop().create_future()
+    hung = await health._bounded("database", never, 0.01)
+    assert (hung.ok, hung.problem) == (False, "no answer within 0.01s")
+    broken = await health._bounded("volume", asyncio.to_thread(health.probe_volume, Path("/nx")), 5)
+    assert not broken.ok
+    assert broken.problem is not None
+    assert broken.problem.startswith("FileNotFoundError: ")
