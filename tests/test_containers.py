@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
+import sqlalchemy as sa
 import yaml
 from dockerfile_parse import DockerfileParser
 from pydantic import AliasChoices
@@ -35,7 +36,7 @@ from pydantic import AliasChoices
 from cartd.db import migrate
 from cartd.db.session import create_engine
 from cartd.settings import Settings
-from conftest import free_port, wait_for
+from conftest import free_port, sync_url, wait_for
 from reference_archive import place_file
 
 ROOT = Path(__file__).parents[1]
@@ -316,6 +317,28 @@ def test_entrypoint_upgrades_then_execs_cartd_serve(
     assert proc.wait(timeout=60) == -signal.SIGTERM, log.read_text()
     assert "shutting down: staging stopped" in log.read_text()
     asyncio.run(engine.dispose())
+
+
+def test_entrypoint_stops_when_the_upgrade_fails(tmp_path: Path) -> None:
+    """A schema the image cannot upgrade (a newer cartd's) must not be served anyway."""
+    env = _container_env(tmp_path)
+    engine = create_engine(Settings(database_url=env["CARTD_DATABASE_URL"]))
+    asyncio.run(migrate.upgrade(engine))
+    with sa.create_engine(sync_url(env["CARTD_DATABASE_URL"])).begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = 'ffff'"))
+    refused = subprocess.run(
+        ["sh", str(ROOT / "docker" / "entrypoint.sh")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode != 0
+    assert "a newer cartd upgraded it" in refused.stderr, refused.stderr
+    # `set -e` stopped the script at the upgrade: `cartd serve` never ran at all.
+    assert refused.stderr.startswith("cartd db failed: "), refused.stderr
+    assert "cartd serve" not in refused.stderr
 
 
 def test_entrypoint_runs_other_commands_as_they_are(tmp_path: Path) -> None:
