@@ -459,6 +459,7 @@ class _Handler(BaseHTTPRequestHandler):
                     self._write_chunk(_flip(data) if fault == "corrupt" else data)
                     if self.archive.get_chunk_delay > 0:
                         self.server.stopping.wait(self.archive.get_chunk_delay)
+                    self._wait_for_gate()
             if fault == "reset":
                 self._reset()
             else:
@@ -467,6 +468,12 @@ class _Handler(BaseHTTPRequestHandler):
                 stream.whole = fault is None
         finally:
             stream.ended = time.monotonic()
+
+    def _wait_for_gate(self) -> None:
+        """Hold the stream after each chunk while the test keeps the gate closed."""
+        gate = self.archive.get_gate
+        while gate is not None and not gate.wait(0.05) and not self.server.stopping.is_set():
+            pass
 
     @staticmethod
     def _byte_range(value: str) -> tuple[int, int]:
@@ -620,6 +627,8 @@ class ArchiveServer:
         self.requests: list[tuple[str, str, int]] = []
         self.streams: list[GetStream] = []
         self.get_chunk_delay: float = 0.0
+        # While set to an unset Event, every GET stops after each chunk until it is set.
+        self.get_gate: threading.Event | None = None
         self.put_tape_delay: float = 0.0
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}

@@ -21,8 +21,18 @@ from typing import Any
 import pytest
 
 import archive_server
+from archive_server import CHUNK_SIZE as CHUNK
 from archive_server import ArchiveServer
-from conftest import Service, entry, part_files, size_or_zero, volume_files, wait_for
+from conftest import (
+    MakeService,
+    Service,
+    entry,
+    part_files,
+    size_or_zero,
+    volume_files,
+    wait_for,
+)
+from test_observability import scrape
 
 HASH_MISMATCH = "Failed to pull file(File hash does not match provided hash)"
 MiB = 1024 * 1024
@@ -454,3 +464,23 @@ def test_a_failed_file_cancels_its_siblings_in_flight(
     assert part_files(service.volume) == []
     states = {f["id"]: f["state"] for f in service.status("doomed")["files"]}
     assert states == {"slow": "waiting", "bad": "error"}
+
+
+def test_a_written_chunk_leaves_the_reservation_at_once(
+    make_service: MakeService, archive: ArchiveServer
+) -> None:
+    """Bytes on disk must stop counting as promised when they land, not when the next chunk
+    arrives: with a slow archive the space would otherwise be counted twice meanwhile, and
+    other fetches refused for space the volume has."""
+    service = make_service(transfer_size=CHUNK, progress_interval=0.05)
+    data = os.urandom(2 * CHUNK)
+    archive.add_file("slow", data)
+    archive.get_gate = threading.Event()  # the archive sends one chunk, then waits
+    try:
+        assert service.post("c", [entry("slow", "slow.bin", data)]).status_code == 201
+        wait_for(lambda: service.status("c")["bytes_staged"] == CHUNK, "the first chunk", 15)
+        samples = scrape(service.client)
+        assert samples[("cartd_cache_bytes", (("kind", "reserved"),))] == CHUNK
+    finally:
+        archive.get_gate.set()
+    assert service.wait_settled("c") == (204, "ready", "")

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -173,24 +174,29 @@ class _Pipeline:
     def __init__(self, handle: Any, hasher: Hasher, reservation: Reservation) -> None:
         self.handle, self.hasher, self.reservation = handle, hasher, reservation
         self._pending: list[asyncio.Future[None]] = []
-        self._size = 0
 
     async def put(self, chunk: bytes) -> None:
         await self.flush()
-        self._size = len(chunk)
         if len(chunk) < PARALLEL_HASHING:
             jobs = [asyncio.to_thread(_write_and_hash, self.handle, self.hasher, chunk)]
         else:
             parts = [self.handle.write, *self.hasher.parts()]
             jobs = [asyncio.to_thread(part, chunk) for part in parts]
         self._pending = [asyncio.ensure_future(job) for job in jobs]
+        # The first job writes: its bytes leave the reservation the moment they are on disk,
+        # not when the next chunk arrives, which on a slow archive could be much later; the
+        # space accounting would count them twice (used on disk, and still promised).
+        self._pending[0].add_done_callback(partial(self._credit, len(chunk)))
+
+    def _credit(self, size: int, write: asyncio.Future[None]) -> None:
+        if not write.cancelled() and write.exception() is None:
+            self.reservation.written += size
 
     async def flush(self) -> None:
         """Wait for the chunk in the threads; a cancelled caller leaves them to `settle`."""
         if self._pending:
             await asyncio.shield(asyncio.gather(*self._pending))
             self._pending = []
-            self.reservation.written += self._size
 
     async def settle(self) -> None:
         """After a failure: the threads must be done with the file before it is closed."""
