@@ -31,6 +31,7 @@ from alembic.config import Config
 from archive_server import ArchiveServer
 from cartd.app import create_app
 from cartd.db import migrate
+from cartd.runtime import Runtime
 from cartd.settings import Settings
 
 MARIADB = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
@@ -214,6 +215,16 @@ class Service(CartClient):
     @property
     def url(self) -> str:
         return self.thread.url
+
+    @property
+    def runtime(self) -> Runtime:
+        """The in-thread service's own state, for what HTTP cannot show (unwritten uses)."""
+        runtime: Runtime = self.thread.server.config.app.state.runtime
+        return runtime
+
+    def wait_uses_written(self) -> None:
+        """Until the HEAD uses the service noted in memory are in the database."""
+        wait_for(lambda: not self.runtime.answers.unwritten, "HEAD uses written")
 
 
 @contextlib.contextmanager

@@ -41,8 +41,14 @@ def tmpfs(tmp_path: Path) -> Iterator[Mount]:
         subprocess.run(["umount", "-l", str(target)], check=False)
 
 
-def set_last_used(db_url: str, uid: str, when: float) -> None:
-    """Age a cart by rewriting its last-use time: the policy under test reads only that."""
+def set_last_used(db_url: str, uid: str, when: float, service: Service | None = None) -> None:
+    """Age a cart by rewriting its last-use time: the policy under test reads only that.
+
+    The in-thread `service` first writes the HEAD uses it noted (the polls that waited for
+    the cart), or it would count them, and a later flush would overwrite `when`.
+    """
+    if service is not None:
+        service.wait_uses_written()
     engine = sa.create_engine(sync_url(db_url))
     try:
         with engine.begin() as conn:
@@ -87,7 +93,7 @@ def test_lru_cart_is_evicted_first(
     for uid in ("a", "b", "c"):
         ready_cart(service, archive, uid, 2 * MiB)
     for uid, when in (("a", 2000.0), ("b", 1000.0), ("c", 3000.0)):
-        set_last_used(db_url, uid, when)  # least recently used: b, then a, then c
+        set_last_used(db_url, uid, when, service)  # least recently used: b, then a, then c
     newest = ready_cart(service, archive, "d", 3 * MiB)
     assert [exists(service, uid) for uid in "abc"] == [True, False, True]
     assert service.client.get("/d").content.endswith(bytes(512))  # a whole tar
@@ -102,7 +108,7 @@ def test_buffer_time_protects_recent_carts_and_nothing_is_evicted_in_vain(
     service = make_service(volume_path=tmpfs(8), lru_buffer_time=3600)
     ready_cart(service, archive, "recent", 3 * MiB)
     ready_cart(service, archive, "old", 2 * MiB)
-    set_last_used(db_url, "old", 1000.0)
+    set_last_used(db_url, "old", 1000.0, service)
     # 3 MiB free + 2 MiB evictable cannot hold 5.5 MiB: "old" must survive.
     data = os.urandom(5 * MiB + MiB // 2)
     archive.add_file("big", data)
@@ -120,7 +126,7 @@ def test_file_larger_than_the_volume_fails_before_any_get(
 ) -> None:
     service = make_service(volume_path=tmpfs(8))
     ready_cart(service, archive, "bystander", 2 * MiB)
-    set_last_used(db_url, "bystander", 1000.0)
+    set_last_used(db_url, "bystander", 1000.0, service)
     archive.add_file("huge", os.urandom(9 * MiB))
     huge = entry("huge", "huge.bin", b"")  # the checksum never gets looked at
     assert service.post("huge", [huge]).status_code == 201
@@ -136,7 +142,7 @@ def test_cart_larger_than_the_volume_fails_without_eviction(
 ) -> None:
     service = make_service(volume_path=tmpfs(8), fetch_concurrency=1)
     ready_cart(service, archive, "bystander", 1 * MiB)
-    set_last_used(db_url, "bystander", 1000.0)
+    set_last_used(db_url, "bystander", 1000.0, service)
     parts = [os.urandom(3 * MiB) for _ in range(3)]
     for number, data in enumerate(parts):
         archive.add_file(f"part{number}", data)
@@ -180,7 +186,7 @@ def test_cart_being_downloaded_is_not_evicted(
 ) -> None:
     service = make_service(volume_path=tmpfs(64))
     data = ready_cart(service, archive, "busy", 40 * MiB)
-    set_last_used(db_url, "busy", 1000.0)
+    set_last_used(db_url, "busy", 1000.0, service)
     with service.client.stream("GET", "/busy") as download:
         chunks = download.iter_bytes()
         first = next(chunks)  # the server is now blocked mid-stream on a full socket
@@ -200,7 +206,7 @@ def test_watermark_task_evicts_down_to_the_high_mark(
     loading = make_service(volume_path=volume)
     for number in range(5):
         ready_cart(loading, archive, f"w{number}", 1 * MiB)
-        set_last_used(db_url, f"w{number}", 1000.0 + number)
+        set_last_used(db_url, f"w{number}", 1000.0 + number, loading)
     loading.thread.stop()
     service = make_service(
         volume_path=volume,
@@ -247,9 +253,10 @@ def test_head_and_get_count_as_use(
     service = make_service()
     ready_cart(service, archive, "used", 1000)
     for request in (service.client.head, service.client.get):
-        set_last_used(db_url, "used", 1000.0)
+        set_last_used(db_url, "used", 1000.0, service)
         request("/used")
-        assert service.status("used")["last_used_at"] > time.time() - 60
+        # A GET writes it at once; a HEAD's use is written by the next flush (about 1 s).
+        wait_for(lambda: service.status("used")["last_used_at"] > time.time() - 60, "a use")
 
 
 def _cartd(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -264,7 +271,7 @@ def test_admin_list_and_purge(
     service = make_service()
     ready_cart(service, archive, "ancient", 1000)
     ready_cart(service, archive, "fresh", 2000)
-    set_last_used(db_url, "ancient", time.time() - 40 * 86400)
+    set_last_used(db_url, "ancient", time.time() - 40 * 86400, service)
     env: dict[str, Any] = {"CARTD_DATABASE_URL": db_url, "VOLUME_PATH": str(service.volume)}
     listing = _cartd(env, "carts", "list")
     assert listing.returncode == 0, listing.stderr

@@ -20,7 +20,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psutil
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -31,6 +31,7 @@ from cartd.db.session import SessionFactory
 from cartd.db.store import CartUsage
 from cartd.metrics import Metrics
 from cartd.settings import Settings, parse_amount
+from cartd.status_cache import StatusCache
 from cartd.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,11 @@ class Cache:
         settings: Settings,
         owner: str = "",
         metrics: Metrics | None = None,
+        answers: StatusCache | None = None,
     ) -> None:
         self.sessions = sessions
+        # HEAD's kept answers, dropped when a cart here changes state, and its unwritten uses.
+        self.answers = answers or StatusCache(0)
         self.volume = volume
         self.settings = settings
         self.metrics = metrics or Metrics()
@@ -183,8 +187,10 @@ class Cache:
         """
         return {key: reservation.written for key, reservation in self._held.items()}
 
-    def forget_cart(self, cart_id: int) -> None:
+    def cart_finished(self, cart_id: int) -> None:
+        """The cart became ready or failed (committed): its sizes and HEAD answer are stale."""
         self._cart_bytes.pop(cart_id, None)
+        self.answers.invalidate()
 
     async def _make_room(self, size: int, elsewhere: int) -> None:
         candidates = await self._evictable()
@@ -198,17 +204,28 @@ class Cache:
             raise NoSpace(NO_SPACE)
 
     async def _evictable(self) -> list[CartUsage]:
+        """Least recently used first, counting the HEAD uses not written yet."""
         cutoff = time.time() - self.settings.lru_buffer_time
         async with self.sessions.begin() as session:
             candidates = await store.eviction_candidates(session, cutoff)
-        return [c for c in candidates if not self.volume.is_streaming(c.cart_id)]
+        used = [
+            replace(c, last_used_at=self.answers.last_used(c.cart_id, c.last_used_at))
+            for c in candidates
+            if not self.volume.is_streaming(c.cart_id)
+        ]
+        return sorted(
+            (c for c in used if c.last_used_at < cutoff), key=lambda c: (c.last_used_at, c.cart_id)
+        )
 
     async def _evict(self, usage: CartUsage, reason: str) -> bool:
         """Delete a finished cart unless it was used or opened since it was chosen."""
-        if self.volume.is_streaming(usage.cart_id):
-            return False
         now = time.time()
         cutoff = now - self.settings.lru_buffer_time
+        if (
+            self.volume.is_streaming(usage.cart_id)
+            or self.answers.last_used(usage.cart_id, 0.0) >= cutoff
+        ):
+            return False
         async with self.sessions.begin() as session:
             unused = (
                 Cart.last_used_at < cutoff,
@@ -217,6 +234,7 @@ class Cache:
             )
             if not await store.mark_deleted(session, usage.cart_id, reason, *unused):
                 return False
+        self.answers.invalidate()
         await self.volume.remove_cart(usage.cart_id)
         self.metrics.evictions.labels(reason).inc()
         log.info(
@@ -254,6 +272,7 @@ class Cache:
             async with self.sessions.begin() as session:
                 if not await store.mark_deleted(session, cart_id, "expired"):
                     continue
+            self.answers.invalidate()
             if self.cancel_fetches is not None:
                 await self.cancel_fetches(cart_id)
             await self.discard(cart_id)

@@ -25,6 +25,7 @@ from cartd.db.models import Cart, CartFile, CartState, FileState
 from cartd.db.session import SessionFactory
 from cartd.db.store import CartBrief
 from cartd.schemas import CartRequest, CartStatus, FileStatus
+from cartd.status_cache import HeadAnswer, StatusCache
 from cartd.volume import Volume
 from cartd.worker import Worker
 
@@ -128,14 +129,22 @@ def _file_rows(cart: CartRequest) -> list[dict[str, Any]]:
 
 
 async def create_cart(
-    sessions: SessionFactory, uid: str, cart: CartRequest, ttl: float | None = None, *, owner: str
+    sessions: SessionFactory,
+    uid: str,
+    cart: CartRequest,
+    ttl: float | None = None,
+    *,
+    owner: str,
+    answers: StatusCache | None = None,
 ) -> Created:
     """Insert a cart, or accept an identical retry; a different list for a live id conflicts.
 
     Ids are per owner: another identity's cart of the same id is neither found nor in the
-    way, so a POST can never tell that it exists.
+    way, so a POST can never tell that it exists.  A new cart drops the kept HEAD answers
+    (`answers`): one of them may be the 404 of a poll that came first.
     """
     digest, rows = await asyncio.to_thread(lambda: (fingerprint(cart), _file_rows(cart)))
+    new_id = None
     try:
         async with sessions.begin() as session:
             existing = await store.active_cart(session, owner, uid)
@@ -150,41 +159,55 @@ async def create_cart(
                     manifest=cart.manifest,
                     allow_partial=cart.allow_partial,
                 )
-                return Created(row.id, new=True)
+                new_id = row.id
     except IntegrityError:
         # A concurrent POST of the same id won the unique index; judge against its cart.
+        new_id = None  # the commit may be what failed
         async with sessions.begin() as session:
             existing = await store.active_cart(session, owner, uid)
+    if new_id is not None:
+        if answers is not None:
+            answers.invalidate()  # committed: a HEAD from now on reads the new cart
+        return Created(new_id, new=True)
     if existing is None or existing.fingerprint != digest:
         raise CartConflict(f"cart {uid} already exists with a different file list or options")
     return Created(existing.id, new=False)
 
 
 async def head_status(
-    readers: SessionFactory, sessions: SessionFactory, uid: str, *, owner: str
+    readers: SessionFactory, answers: StatusCache, uid: str, *, owner: str
 ) -> tuple[CartBrief, int]:
-    """HEAD's read, and the Retry-After for a poller of a cart still staging.
+    """HEAD's answer, and the Retry-After for a poller of a cart still staging.
 
-    Pollers hit this thousands of times a second, so it is one read-only transaction on a
-    reader connection, which never waits for the writer.  The per-file totals behind the
-    ETA are summed only while the cart stages (a waiting cart has no rate yet).  The LRU
-    touch (at most once a second per cart) is skipped in Python when the row just read
-    shows it recent, instead of by an UPDATE matching no row.
+    Pollers hit this thousands of times a second, so the answer is kept for a moment
+    (status_cache) and the use is noted in memory rather than written here.
+    """
+    answer = answers.get(owner, uid)
+    if answer is None:
+        generation = answers.generation
+        answer = await _read_head(readers, uid, owner)
+        answers.put(owner, uid, answer, generation)
+    if answer.cart is None:
+        raise CartNotFound(f"No cart with uid {uid} found")
+    answers.used(answer.cart.id)
+    return answer.cart, answer.retry_after
+
+
+async def _read_head(readers: SessionFactory, uid: str, owner: str) -> HeadAnswer:
+    """One read-only transaction on a reader connection, which never waits for the writer.
+
+    The per-file totals behind the ETA are summed only while the cart stages (a waiting
+    cart has no rate yet).
     """
     async with readers() as session:
         cart = await store.cart_brief(session, owner, uid)
         totals = None
         if cart is not None and cart.state == CartState.STAGING:
             totals = await store.cart_totals(session, cart.id)
-    if cart is None:
-        raise CartNotFound(f"No cart with uid {uid} found")
-    if store.touch_due(cart.last_used_at, time.time()):
-        async with sessions.begin() as session:
-            await store.touch(session, cart.id)
     eta = None
-    if totals is not None:
+    if cart is not None and totals is not None:
         eta = progress.eta_seconds(cart.state, cart.updated_at, totals, time.time())
-    return cart, progress.retry_after(eta)
+    return HeadAnswer(cart, progress.retry_after(eta))
 
 
 async def cart_status(
@@ -279,7 +302,13 @@ async def ready_files(
 
 
 async def delete_cart(
-    sessions: SessionFactory, worker: Worker, volume: Volume, uid: str, *, owner: str
+    sessions: SessionFactory,
+    worker: Worker,
+    volume: Volume,
+    uid: str,
+    *,
+    owner: str,
+    answers: StatusCache | None = None,
 ) -> None:
     """Mark deleted first (the truth), then stop its fetches and free its files."""
     async with sessions.begin() as session:
@@ -290,6 +319,8 @@ async def delete_cart(
         # Read after the UPDATE: a download starting elsewhere either held the cart before
         # it (seen here) or finds it deleted (its hold_cart matches no row).
         held = volume.shared and await store.is_held(session, cart.id, time.time())
+    if answers is not None:
+        answers.invalidate()  # committed: a HEAD from now on answers 404
     await worker.cancel_cart(cart.id)  # other replicas' fetches stop at their next renewal
     if not held or volume.is_streaming(cart.id):
         await volume.remove_cart(cart.id)  # else the sweep removes it once the hold lapses

@@ -32,6 +32,7 @@ from cartd.recovery import recover
 from cartd.replica import this_process
 from cartd.settings import Settings
 from cartd.staging import Stager
+from cartd.status_cache import StatusCache
 from cartd.volume import Volume
 from cartd.worker import Worker
 
@@ -49,6 +50,15 @@ class Runtime:
     worker: Worker
     metrics: Metrics
     readers: SessionFactory  # status reads that may run beside the writer (session.py)
+    answers: StatusCache  # HEAD's kept answers and unwritten cart uses
+
+
+async def _last_uses(answers: StatusCache, worker: Worker) -> None:
+    """Write the uses still in memory at shutdown, so the next start's LRU knows them."""
+    try:
+        await answers.flush(worker.commits.run)
+    except Exception as exc:  # shutdown goes on: at worst a cart looks less recently used
+        log.warning("could not record cart use at shutdown: %s", exc)
 
 
 @asynccontextmanager
@@ -70,7 +80,8 @@ async def running(settings: Settings, metrics: Metrics | None = None) -> AsyncIt
         shared = is_shared(settings)
         volume = Volume(settings.volume_path, me.tag, shared=shared)
         await recover(sessions, volume, me, sole=not shared)
-        cache = Cache(sessions, volume, settings, me.owner, metrics)
+        answers = StatusCache(settings.head_cache_ttl)
+        cache = Cache(sessions, volume, settings, me.owner, metrics, answers)
         stager = Stager(archive, volume, cache, settings, metrics)
         lease = Lease(me.owner, settings.lease_seconds)
         worker = Worker(
@@ -83,15 +94,26 @@ async def running(settings: Settings, metrics: Metrics | None = None) -> AsyncIt
         loops = [
             asyncio.create_task(cache.run(), name="cartd-cache"),
             asyncio.create_task(progress.run(), name="cartd-progress"),
+            asyncio.create_task(answers.run(worker.commits.run), name="cartd-uses"),
         ]
         try:
             yield Runtime(
-                settings, engine, sessions, archive, volume, cache, worker, metrics, readers
+                settings,
+                engine,
+                sessions,
+                archive,
+                volume,
+                cache,
+                worker,
+                metrics,
+                readers,
+                answers,
             )
         finally:
             for loop in loops:
                 loop.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
+            await _last_uses(answers, worker)
             await worker.stop()
     finally:
         await archive.aclose()

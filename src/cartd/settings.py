@@ -113,6 +113,10 @@ class Settings(BaseSettings):
     # Live progress: how often in-flight byte counts reach the database, how often an SSE
     # stream re-reads the status, and how long a quiet stream waits before a heartbeat.
     progress_interval: float = Field(2.0, gt=0, validation_alias=_aliases("PROGRESS_INTERVAL"))
+    # HEAD answers are kept this long (0: never); other replicas' changes show after it.
+    head_cache_ttl: float = Field(
+        1.0, ge=0, validation_alias=_aliases("HEAD_CACHE_TTL", "HEAD_CACHE_TTL")
+    )
     events_poll_interval: float = Field(
         0.5, gt=0, validation_alias=_aliases("EVENTS_POLL_INTERVAL")
     )

@@ -209,7 +209,7 @@ class Worker:
         if await self._settle(
             lambda s: store.file_staged(s, job, staged.size, staged.mtime, sums.crc32, sums.sha256)
         ):
-            self.stager.cache.forget_cart(job.cart_id)
+            self.stager.cache.cart_finished(job.cart_id)
             log.info("cart %s is ready", job.cart_uid)
 
     async def _settle(self, operation: Callable[[AsyncSession], Awaitable[T]]) -> T:
@@ -227,7 +227,7 @@ class Worker:
     async def _record_failure(self, job: FileJob, error: str) -> None:
         log.warning("file %s of cart %s failed: %s", job.archive_id, job.cart_uid, error)
         if await self._settle(lambda s: store.file_failed(s, job, error)):
-            self.stager.cache.forget_cart(job.cart_id)
+            self.stager.cache.cart_finished(job.cart_id)
             await self._cancel_siblings(job)
 
     async def _cancel_siblings(self, job: FileJob) -> None:

@@ -159,7 +159,9 @@ async def create_cart(
         del body  # tens of MB for a big cart: free it before the rows are built
         ttl = carts.time_to_live(cart.ttl, settings.cart_ttl, settings.cart_ttl_max)
         created = await retry_deadlocks(
-            lambda: carts.create_cart(runtime.sessions, cart_id, cart, ttl, owner=owner)
+            lambda: carts.create_cart(
+                runtime.sessions, cart_id, cart, ttl, owner=owner, answers=runtime.answers
+            )
         )
     except carts.InvalidCart as exc:
         return error_response(400, str(exc))
@@ -208,7 +210,7 @@ def _status_headers(state: str, message: str) -> dict[str, str]:
 async def head_cart(owner: Owner, cart_id: CartId, runtime: RuntimeDep) -> Response:
     try:
         cart, retry_after = await retry_deadlocks(
-            lambda: carts.head_status(runtime.readers, runtime.sessions, cart_id, owner=owner)
+            lambda: carts.head_status(runtime.readers, runtime.answers, cart_id, owner=owner)
         )
     except carts.CartNotFound as exc:
         return Response(status_code=404, headers=_status_headers("error", str(exc)))
@@ -485,7 +487,12 @@ async def delete_cart(owner: Owner, cart_id: CartId, runtime: RuntimeDep) -> Res
     try:
         await retry_deadlocks(
             lambda: carts.delete_cart(
-                runtime.sessions, runtime.worker, runtime.volume, cart_id, owner=owner
+                runtime.sessions,
+                runtime.worker,
+                runtime.volume,
+                cart_id,
+                owner=owner,
+                answers=runtime.answers,
             )
         )
     except carts.CartNotFound as exc:

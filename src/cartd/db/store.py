@@ -243,6 +243,25 @@ async def touch(session: AsyncSession, cart_id: int) -> None:
     )
 
 
+_CARTS = Cart.metadata.tables[Cart.__tablename__]
+_TOUCH = (
+    update(_CARTS)
+    .where(_CARTS.c.id == bindparam("cart_id"), _CARTS.c.last_used_at < bindparam("used_at"))
+    .values(last_used_at=bindparam("used_at"))
+)
+
+
+async def touch_many(session: AsyncSession, uses: Mapping[int, float]) -> None:
+    """Uses noted in memory (status_cache), as one executemany in row order.
+
+    A use never moves a cart's last use backwards: a download or a later flush may have
+    written a newer one meanwhile.
+    """
+    if uses:
+        rows = [{"cart_id": key, "used_at": uses[key]} for key in sorted(uses)]
+        await session.execute(_TOUCH, rows)
+
+
 async def hold_carts(
     session: AsyncSession, cart_ids: Sequence[int], until: float, owner: str
 ) -> None:
