@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from archive_server import ArchiveServer
 from cartd.db.store import CartBrief
 from cartd.status_cache import HeadAnswer, StatusCache
-from conftest import MakeService, entry, sync_url
+from conftest import MakeService, Service, entry, sync_url
 from test_cache import MiB, Mount, ready_cart, set_last_used, tmpfs  # noqa: F401 - a fixture
 
 FOREVER = 3600.0  # a TTL no test outlives: whatever a test sees fresh, invalidation made so
@@ -147,3 +147,26 @@ def test_uses_survive_a_failed_write() -> None:
 
     assert asyncio.run(cache.flush(succeeding)) == 1
     assert cache.unwritten == 0
+
+
+def _head(service: Service, uid: str) -> tuple[int, dict[str, str]]:
+    response = service.client.head(f"/{uid}")
+    varying = {"x-request-id", "date", "server"}
+    return response.status_code, {k: v for k, v in response.headers.items() if k not in varying}
+
+
+def test_a_kept_answer_is_the_routes_answer_logged_and_counted_alike(
+    make_service: MakeService, archive: ArchiveServer
+) -> None:
+    """The second HEAD of each cart comes from the kept answer (api.fast_head)."""
+    service = make_service(head_cache_ttl=FOREVER)
+    ready_cart(service, archive, "here", 1000)
+    archive.add_file("slow", b"on tape", tape_delay=FOREVER)
+    assert service.post("slow", [entry("slow", "s.bin", b"on tape")]).status_code == 201
+    for uid in ("here", "slow", "nowhere"):
+        first = _head(service, uid)
+        assert _head(service, uid) == first
+    assert _head(service, "slow")[1]["retry-after"] == "5"
+    metrics = service.client.get("/metrics").text
+    counted = 'cartd_http_requests_total{method="HEAD",route="/{cart_id}",status="404"} 2.0'
+    assert counted in metrics

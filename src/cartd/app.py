@@ -11,6 +11,7 @@ from cartd import __version__
 from cartd.api import carts, errors, events, openapi, ops
 from cartd.api.access import AccessLog
 from cartd.api.auth import authenticator
+from cartd.api.fast_head import KeptHead
 from cartd.api.peer import RealPeer
 from cartd.db.session import is_shared, sqlite_file
 from cartd.metrics import Metrics
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     # Before serving anything: a bad token file or proxy list must stop start-up.
     app.state.authenticator = authenticator(settings)
+    app.add_middleware(KeptHead)  # innermost: logged and measured like any request
     app.add_middleware(AccessLog, metrics=metrics)
     # Outermost, so the access log and everything inside see the forwarded client.
     app.add_middleware(RealPeer, trusted_proxies=settings.trusted_proxies)

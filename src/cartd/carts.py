@@ -187,6 +187,16 @@ async def head_status(
         generation = answers.generation
         answer = await _read_head(readers, uid, owner)
         answers.put(owner, uid, answer, generation)
+    return _answered(answers, uid, answer)
+
+
+def kept_head_status(answers: StatusCache, uid: str, *, owner: str) -> tuple[CartBrief, int] | None:
+    """`head_status` from a kept answer alone; None when only the database can answer."""
+    answer = answers.get(owner, uid)
+    return None if answer is None else _answered(answers, uid, answer)
+
+
+def _answered(answers: StatusCache, uid: str, answer: HeadAnswer) -> tuple[CartBrief, int]:
     if answer.cart is None:
         raise CartNotFound(f"No cart with uid {uid} found")
     answers.used(answer.cart.id)

@@ -22,6 +22,7 @@ from cartd.api.openapi import INTERNAL, error, head_error, header
 from cartd.api.ops import RESERVED_CART_IDS
 from cartd.db.deadlock import retry_deadlocks
 from cartd.db.models import CartState
+from cartd.db.store import CartBrief
 from cartd.runtime import Runtime
 from cartd.schemas import (
     CART_ID_PATTERN,
@@ -213,7 +214,16 @@ async def head_cart(owner: Owner, cart_id: CartId, runtime: RuntimeDep) -> Respo
             lambda: carts.head_status(runtime.readers, runtime.answers, cart_id, owner=owner)
         )
     except carts.CartNotFound as exc:
-        return Response(status_code=404, headers=_status_headers("error", str(exc)))
+        return head_not_found(exc)
+    return head_response(cart, retry_after)
+
+
+def head_not_found(exc: carts.CartNotFound) -> Response:
+    return Response(status_code=404, headers=_status_headers("error", str(exc)))
+
+
+def head_response(cart: CartBrief, retry_after: int) -> Response:
+    """HEAD's answer for a cart (api.fast_head sends the same for a kept answer)."""
     code = 500 if cart.state == CartState.ERROR else 204
     headers = _status_headers(cart.state, cart.message)
     if headers["X-Pacifica-Status"] == "staging":
