@@ -22,9 +22,11 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.datastructures import Headers
 
 from archive_server import ArchiveServer
 from cartd import health, logs
+from cartd.api.access import request_id
 from cartd.archive.base import ArchiveFileError, TransientArchiveError
 from cartd.archive.metered import outcome_of
 from cartd.runtime import Runtime
@@ -356,7 +358,7 @@ def test_log_lines_carry_cart_and_request_ids(proxied: tuple[Cartd, ArchiveServe
     assert cartd.client.post("/obs-log-bad", json={"fileids": wrong}).status_code == 201
     assert cartd.wait_settled("obs-log-bad")[1] == "error"
     generated = cartd.client.get("/", headers={"X-Request-ID": "bad id with spaces"})
-    assert len(generated.headers["X-Request-ID"]) == 32  # replaced by a fresh uuid4 hex
+    assert len(generated.headers["X-Request-ID"]) == 32  # replaced by a fresh id (32 hex digits)
     wait_for(lambda: "obs-log-bad" in cartd.log_text(), "the failure's log line")
 
     lines = log_lines(cartd)
@@ -459,3 +461,21 @@ async def test_a_readiness_check_that_hangs_is_reported_as_such() -> None:
     assert not broken.ok
     assert broken.problem is not None
     assert broken.problem.startswith("FileNotFoundError: ")
+
+
+def test_fresh_request_ids_are_unique_hex_and_differ_in_a_forked_child() -> None:
+    ids = [request_id(Headers({})) for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next id and leave at once
+        os.write(writer, request_id(Headers({})).encode())
+        os._exit(0)
+    os.close(writer)
+    child = os.read(reader, 64).decode()
+    os.waitpid(pid, 0)
+    os.close(reader)
+    parent = request_id(Headers({}))
+    assert len(child) == 32
+    assert child[:16] != parent[:16]  # its own prefix: the counters may well coincide
