@@ -170,3 +170,45 @@ def test_a_kept_answer_is_the_routes_answer_logged_and_counted_alike(
     metrics = service.client.get("/metrics").text
     counted = 'cartd_http_requests_total{method="HEAD",route="/{cart_id}",status="404"} 2.0'
     assert counted in metrics
+
+
+def test_polls_that_miss_together_share_one_read_unless_the_state_changed() -> None:
+    async def scenario() -> tuple[list[HeadAnswer], int]:
+        cache = StatusCache(FOREVER)
+        reads = 0
+        release = asyncio.Event()
+
+        async def read() -> HeadAnswer:
+            nonlocal reads
+            reads += 1
+            number = reads
+            await release.wait()
+            return HeadAnswer(BRIEF, number)
+
+        first = [asyncio.create_task(cache.load("", "c", read)) for _ in range(3)]
+        await asyncio.sleep(0)
+        cache.invalidate()  # a poll after this must not get the answer read before it
+        later = asyncio.create_task(cache.load("", "c", read))
+        await asyncio.sleep(0)
+        release.set()
+        return await asyncio.gather(*first, later), reads
+
+    answers, reads = asyncio.run(scenario())
+    assert reads == 2
+    assert [a.retry_after for a in answers[:3]] == [1, 1, 1]
+    assert answers[3].retry_after == 2
+
+
+def test_a_failed_shared_read_fails_every_poll_that_waited_for_it() -> None:
+    async def scenario() -> list[BaseException | HeadAnswer]:
+        cache = StatusCache(FOREVER)
+
+        async def read() -> HeadAnswer:
+            await asyncio.sleep(0.01)
+            raise sa.exc.OperationalError("SELECT", {}, Exception("database away"))
+
+        polls = [cache.load("", "c", read) for _ in range(3)]
+        return await asyncio.gather(*polls, return_exceptions=True)
+
+    outcomes = asyncio.run(scenario())
+    assert all(isinstance(o, sa.exc.OperationalError) for o in outcomes)

@@ -184,9 +184,7 @@ async def head_status(
     """
     answer = answers.get(owner, uid)
     if answer is None:
-        generation = answers.generation
-        answer = await _read_head(readers, uid, owner)
-        answers.put(owner, uid, answer, generation)
+        answer = await answers.load(owner, uid, lambda: _read_head(readers, uid, owner))
     return _answered(answers, uid, answer)
 
 

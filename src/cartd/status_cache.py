@@ -49,6 +49,7 @@ class StatusCache:
         self._uses: dict[int, float] = {}  # cart row id -> last use not yet written
         self._writing: dict[int, float] = {}  # the uses a flush in flight is writing
         self._generation = 0
+        self._loading: dict[tuple[str, str], tuple[int, asyncio.Future[HeadAnswer]]] = {}
 
     @property
     def generation(self) -> int:
@@ -75,6 +76,45 @@ class StatusCache:
             if len(self._answers) >= MAX_ANSWERS:
                 self._answers.clear()
         self._answers[(owner, uid)] = (now + self.ttl, answer)
+
+    async def load(
+        self, owner: str, uid: str, read: Callable[[], Awaitable[HeadAnswer]]
+    ) -> HeadAnswer:
+        """`read` the answer and keep it; polls that miss meanwhile share that one read.
+
+        When a kept answer expires, every poll in flight misses at once (200 pollers: 200
+        reads queued on the reader connection in the same millisecond).  A poll that
+        arrives after an invalidation does not join a read begun before it.  With a TTL
+        of 0 nothing is shared either.
+        """
+        if self.ttl <= 0:
+            return await read()  # off means every poll reads the database itself
+        key = (owner, uid)
+        while (loading := self._loading.get(key)) is not None and loading[0] == self._generation:
+            try:
+                return await asyncio.shield(loading[1])
+            except asyncio.CancelledError:
+                if not loading[1].cancelled():
+                    raise  # this poll itself was cancelled
+                # the reading poll was cancelled, not this one: read again
+        generation = self._generation
+        future: asyncio.Future[HeadAnswer] = asyncio.get_running_loop().create_future()
+        self._loading[key] = (generation, future)
+        try:
+            answer = await read()
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                future.cancel()
+            else:
+                future.set_exception(exc)
+                future.exception()  # retrieved: no "never retrieved" warning without waiters
+            raise
+        finally:
+            if self._loading.get(key, (0, None))[1] is future:
+                del self._loading[key]
+        future.set_result(answer)
+        self.put(owner, uid, answer, generation)
+        return answer
 
     def invalidate(self) -> None:
         """A cart changed state in this process: no kept answer may be served any more.
