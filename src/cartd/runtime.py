@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from cartd.archive import Archive, open_archive
 from cartd.archive.metered import MeteredArchive
@@ -32,7 +33,7 @@ from cartd.recovery import recover
 from cartd.replica import this_process
 from cartd.settings import Settings
 from cartd.staging import Stager
-from cartd.status_cache import StatusCache
+from cartd.status_cache import Commit, StatusCache
 from cartd.volume import Volume
 from cartd.worker import Worker
 
@@ -53,10 +54,22 @@ class Runtime:
     answers: StatusCache  # HEAD's kept answers and unwritten cart uses
 
 
-async def _last_uses(answers: StatusCache, worker: Worker) -> None:
+def _in_transaction(sessions: SessionFactory) -> Commit:
+    """The uses' own transaction, not the worker's group commit: on a shared database a
+    batch of touches can wait for (or deadlock with) another replica's cart row locks, and
+    the staging outcomes must not wait with it; a failed flush is simply tried again."""
+
+    async def commit(operation: Callable[[AsyncSession], Awaitable[Any]]) -> Any:
+        async with sessions.begin() as session:
+            return await operation(session)
+
+    return commit
+
+
+async def _last_uses(answers: StatusCache, sessions: SessionFactory) -> None:
     """Write the uses still in memory at shutdown, so the next start's LRU knows them."""
     try:
-        await answers.flush(worker.commits.run)
+        await answers.flush(_in_transaction(sessions))
     except Exception as exc:  # shutdown goes on: at worst a cart looks less recently used
         log.warning("could not record cart use at shutdown: %s", exc)
 
@@ -94,7 +107,7 @@ async def running(settings: Settings, metrics: Metrics | None = None) -> AsyncIt
         loops = [
             asyncio.create_task(cache.run(), name="cartd-cache"),
             asyncio.create_task(progress.run(), name="cartd-progress"),
-            asyncio.create_task(answers.run(worker.commits.run), name="cartd-uses"),
+            asyncio.create_task(answers.run(_in_transaction(sessions)), name="cartd-uses"),
         ]
         try:
             yield Runtime(
@@ -113,8 +126,8 @@ async def running(settings: Settings, metrics: Metrics | None = None) -> AsyncIt
             for loop in loops:
                 loop.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
-            await _last_uses(answers, worker)
             await worker.stop()
+            await _last_uses(answers, sessions)
     finally:
         await archive.aclose()
         if read_engine is not None:

@@ -10,9 +10,9 @@ and, every second, a write transaction queued behind the staging worker's.  So:
   so a HEAD after one of them reads the database again.  Another replica's changes show
   up once the answer expires.  Only HEAD reads here: a download reads the database, so a
   stale "ready" can never make it serve a file that is missing.
-- The use HEAD makes of a cart (LRU) is noted in memory, and `run` writes the uses due in
-  one transaction a second, riding the worker's group commit.  Eviction, which orders
-  carts by their last use, applies the uses not yet written (`last_used`).
+- The use HEAD makes of a cart (LRU) is noted in memory, and `run` writes the uses noted
+  in one transaction a second.  Eviction, which orders carts by their last use, applies
+  the uses not yet written (`last_used`).
 """
 
 from __future__ import annotations
