@@ -3,17 +3,21 @@ finish within CARTD_SHUTDOWN_GRACE, and leaves interrupted staging to resume at 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from archive_server import ArchiveServer
+from cartd.server import freeze_startup_objects
 from cartd_proc import Cartd, cartd_env, run_fsck, tar_digests
 from conftest import entry, part_files, wait_for
 
@@ -145,3 +149,19 @@ def test_a_download_slower_than_the_grace_period_is_cut_at_the_deadline(
     assert time.monotonic() - signalled < 1 + 5, "the grace period was not enforced"
     reader.thread.join(60)
     assert reader.error is not None or len(reader.body) < 48 * MiB
+
+
+def test_startup_objects_are_kept_out_of_gc_passes_but_garbage_is_not() -> None:
+    class Cycle:
+        partner: Any = None
+
+    dead = Cycle()
+    dead.partner = dead
+    gone = weakref.ref(dead)
+    del dead
+    try:
+        freeze_startup_objects()
+        assert gone() is None  # collected before the freeze, not frozen with the rest
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()  # the test process goes on collecting as before
