@@ -214,7 +214,9 @@ def test_watermark_task_evicts_down_to_the_high_mark(
         cache_high_watermark="5MiB",
         cache_check_interval=0.05,
     )
-    wait_for(lambda: not exists(service, "w1"), "the watermark task to evict")
+    # Waits on the row, not on HEAD: a HEAD is a use, and polling w1 before the first pass
+    # would make it the most recently used cart.
+    wait_for(lambda: deleted_reason(db_url, "w1") == "evicted", "the watermark task to evict")
     # 3 MiB free < 50%; evicting w0, w1 (oldest) brings free space to 5 MiB.
     assert [exists(service, f"w{n}") for n in range(5)] == [False, False, True, True, True]
 
