@@ -50,7 +50,7 @@ def _staging(r: dict[str, Any]) -> list[Row]:
 
 
 def _bigfile(r: dict[str, Any]) -> list[Row]:
-    return [
+    rows = [
         (
             "One 2 GiB file, sha1",
             f"{r['cartd_s']} s vs bare GET {r['bare_get_s']} s",
@@ -58,6 +58,24 @@ def _bigfile(r: dict[str, Any]) -> list[Row]:
             "≥ 0.9x",
         )
     ]
+    if "bare_get_fsync_s" in r:  # reports from before these fields lack them
+        rows.append(
+            (
+                "One 2 GiB file, vs bare GET + fsync",
+                f"{r['cartd_s']} s vs {r['bare_get_fsync_s']} s",
+                f"{r['ratio_vs_durable']}x",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "One 2 GiB file, CPU seconds",
+                f"cartd {r['cartd_cpu_s']} s vs bare GET {r['bare_get_cpu_s']} s",
+                "",
+                "",
+            )
+        )
+    return rows
 
 
 def _polling(r: dict[str, Any]) -> list[Row]:

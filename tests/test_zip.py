@@ -32,6 +32,11 @@ from archive_server import ArchiveServer
 from cartd import bundle, zipbundle
 from cartd.app import create_app
 from cartd.bundle import Format, Generated, StagedFile
+from cartd.checksums import Hasher
+from cartd.db import store
+from cartd.db.migrate import upgrade
+from cartd.db.session import create_engine, create_session_factory
+from cartd.settings import Settings
 from conftest import (
     DATABASES,
     MTIME,
@@ -41,6 +46,7 @@ from conftest import (
     make_ready,
     standalone_service,
     sync_url,
+    wait_for,
 )
 
 LATER = MTIME + 10
@@ -568,6 +574,62 @@ def test_staging_records_crc32_and_sha256(
     assert checksum_rows(db_url) == {
         path: (zlib.crc32(data), hashlib.sha256(data).hexdigest()) for path, data in files.items()
     }
+
+
+def test_big_files_get_crc32_and_sha256_after_staging(
+    make_service: MakeService, archive: ArchiveServer, db_url: str
+) -> None:
+    """A file over one transfer is staged on the client's digest alone; the others follow."""
+    service = make_service(transfer_size=4096)
+    files = {"big.bin": os.urandom(50_000), "small.txt": b"tiny", "sha.bin": os.urandom(9000)}
+    make_ready(service, archive, "later", files)
+    expected = {
+        path: (zlib.crc32(data), hashlib.sha256(data).hexdigest()) for path, data in files.items()
+    }
+    wait_for(lambda: checksum_rows(db_url) == expected, "the late digests")
+    zipped = service.client.get("/later", params={"filename": "l", "format": "zip"})
+    with zipfile.ZipFile(io.BytesIO(zipped.content)) as bundle_zip:
+        assert bundle_zip.testzip() is None
+
+
+def test_a_big_file_is_hashed_once_while_staging() -> None:
+    """Only the client's digest (which may itself be the SHA-256) when extras wait."""
+    data = os.urandom(3000)
+    for hashtype, sha256 in (("sha1", None), ("sha256", hashlib.sha256(data).hexdigest())):
+        hasher = Hasher(hashtype, extras=False)
+        assert len(hasher.parts()) == 1
+        hasher.update(data)
+        sums = hasher.result()
+        assert sums.requested == hashlib.new(hashtype, data).hexdigest()
+        assert (sums.sha256, sums.crc32) == (sha256, None)
+
+
+async def test_late_checksums_skip_rows_deleted_meanwhile(db_url: str) -> None:
+    """A cart deleted while its files were being hashed must not cost the others theirs."""
+    engine = create_engine(Settings(database_url=db_url))
+    try:
+        await upgrade(engine)
+        sessions = create_session_factory(engine)
+        rows = [
+            {
+                "position": i,
+                "archive_id": f"f{i}",
+                "path": f"f{i}",
+                "hashtype": "sha1",
+                "hashsum": "0" * 40,
+            }
+            for i in range(2)
+        ]
+        async with sessions.begin() as session:
+            cart = await store.insert_cart(session, "c", "fingerprint", rows)
+            kept = (await store.cart_files(session, cart.id))[0].id
+        async with sessions.begin() as session:
+            await store.record_checksums(session, {kept + 1000: (1, "a" * 64), kept: (7, "b" * 64)})
+        async with sessions.begin() as session:
+            first = (await store.cart_files(session, cart.id))[0]
+        assert (first.crc32, first.sha256) == (7, "b" * 64)
+    finally:
+        await engine.dispose()
 
 
 def test_rows_without_checksums_get_them_at_the_first_zip(

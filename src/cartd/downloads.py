@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cartd import bundle, generated, zipbundle
 from cartd.bundle import Format, Generated, Plan, StagedFile
-from cartd.checksums import hash_file
+from cartd.checksums import file_extras
 from cartd.db import store
 from cartd.db.models import Cart, CartFile, FileState
 from cartd.db.session import SessionFactory
@@ -120,8 +120,4 @@ async def _late_checksums(
 
 
 def _hash_all(todo: list[tuple[int, Path]]) -> dict[int, tuple[int, str]]:
-    found = {}
-    for file_id, path in todo:
-        sums = hash_file(path)
-        found[file_id] = (sums.crc32, sums.sha256)
-    return found
+    return {file_id: file_extras(path) for file_id, path in todo}

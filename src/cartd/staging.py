@@ -136,16 +136,18 @@ class Stager:
     async def _stream_to(
         self, part: Path, job: FileJob, reservation: Reservation
     ) -> tuple[int, Checksums]:
-        """Write and hash each chunk in a worker thread while the next chunk downloads.
+        """Write and hash in worker threads while the next bytes download.
 
-        The same step computes the SHA-256 and CRC-32 that manifests and zip headers need,
-        so no download ever re-reads a file.  Stops reading once the body exceeds the
-        announced size: a misbehaving archive must not be able to fill the volume.
+        A file that fits in one transfer also gets the SHA-256 and CRC-32 that manifests and
+        zip headers need, in the same pass; a bigger one leaves them to digests.py.  Stops
+        reading once the body exceeds the announced size: a misbehaving archive must not be
+        able to fill the volume.
         """
-        hasher = Hasher(job.hashtype)
+        batch = self.settings.transfer_size
+        hasher = Hasher(job.hashtype, extras=reservation.size <= batch)
         received = 0
         with open(part, "wb") as handle:  # noqa: ASYNC230 - every write runs in to_thread
-            pipeline = _Pipeline(handle, hasher, reservation)
+            pipeline = _Pipeline(handle, hasher, reservation, batch)
             try:
                 async with self.archive.open(job.archive_id) as chunks:
                     async for chunk in chunks:
@@ -159,41 +161,58 @@ class Stager:
         return received, hasher.result()
 
 
-PARALLEL_HASHING = 1 << 20  # a chunk at least this big is hashed by several threads
+PARALLEL_HASHING = 1 << 20  # a batch at least this big is hashed by several threads
 
 
 class _Pipeline:
-    """One chunk in worker threads (written, hashed) while the event loop reads the next.
+    """One batch in worker threads (written, hashed) while the event loop reads the next.
 
-    Hashing a 2 GiB file three ways (the client's digest, SHA-256, CRC-32) costs seconds of
-    CPU; done between reads it stalls the archive's TCP stream, done beside them it
-    overlaps, and each digest of a big chunk gets its own thread.  Chunks stay in order:
-    the next one starts only after every part of the previous one is done.
+    The archive's bytes arrive as socket reads of some 64 KiB.  They are gathered, not
+    joined (a copy of every byte), into batches of `batch` bytes, so that each batch costs
+    one thread hop.  Hashing in the loop would stall the archive's TCP stream; beside it,
+    it overlaps, and each digest of a big batch gets its own thread.  Batches stay in
+    order: the next one starts only after every part of the previous one is done.
     """
 
-    def __init__(self, handle: Any, hasher: Hasher, reservation: Reservation) -> None:
+    def __init__(self, handle: Any, hasher: Hasher, reservation: Reservation, batch: int) -> None:
         self.handle, self.hasher, self.reservation = handle, hasher, reservation
+        self.batch = batch
+        self._gathered: list[bytes] = []
+        self._size = 0
         self._pending: list[asyncio.Future[None]] = []
 
     async def put(self, chunk: bytes) -> None:
-        await self.flush()
-        if len(chunk) < PARALLEL_HASHING:
-            jobs = [asyncio.to_thread(_write_and_hash, self.handle, self.hasher, chunk)]
+        self._gathered.append(chunk)
+        self._size += len(chunk)
+        if self._size >= self.batch:
+            await self._submit()
+
+    async def _submit(self) -> None:
+        await self._wait()
+        pieces, size = self._gathered, self._size
+        self._gathered, self._size = [], 0
+        if size < PARALLEL_HASHING:
+            jobs = [asyncio.to_thread(_write_and_hash, self.handle, self.hasher, pieces)]
         else:
             parts = [self.handle.write, *self.hasher.parts()]
-            jobs = [asyncio.to_thread(part, chunk) for part in parts]
+            jobs = [asyncio.to_thread(_each, part, pieces) for part in parts]
         self._pending = [asyncio.ensure_future(job) for job in jobs]
         # The first job writes: its bytes leave the reservation the moment they are on disk,
-        # not when the next chunk arrives, which on a slow archive could be much later; the
+        # not when the next batch arrives, which on a slow archive could be much later; the
         # space accounting would count them twice (used on disk, and still promised).
-        self._pending[0].add_done_callback(partial(self._credit, len(chunk)))
+        self._pending[0].add_done_callback(partial(self._credit, size))
 
     def _credit(self, size: int, write: asyncio.Future[None]) -> None:
         if not write.cancelled() and write.exception() is None:
             self.reservation.written += size
 
     async def flush(self) -> None:
-        """Wait for the chunk in the threads; a cancelled caller leaves them to `settle`."""
+        """Write what is gathered and wait for it; a cancelled caller leaves it to `settle`."""
+        if self._gathered:
+            await self._submit()
+        await self._wait()
+
+    async def _wait(self) -> None:
         if self._pending:
             await asyncio.shield(asyncio.gather(*self._pending))
             self._pending = []
@@ -207,6 +226,12 @@ class _Pipeline:
                     job.exception()  # retrieved: the failure that matters is ours
 
 
-def _write_and_hash(handle: Any, hasher: Hasher, chunk: bytes) -> None:
-    handle.write(chunk)
-    hasher.update(chunk)
+def _each(update: Callable[[bytes], Any], pieces: list[bytes]) -> None:
+    for piece in pieces:
+        update(piece)
+
+
+def _write_and_hash(handle: Any, hasher: Hasher, pieces: list[bytes]) -> None:
+    for piece in pieces:
+        handle.write(piece)
+        hasher.update(piece)

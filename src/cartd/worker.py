@@ -32,6 +32,7 @@ from cartd.db.deadlock import retry_deadlocks
 from cartd.db.group_commit import GroupCommit
 from cartd.db.session import SessionFactory
 from cartd.db.store import FileJob, Lease
+from cartd.digests import DigestBackfill
 from cartd.staging import Stager
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Worker:
         self.lease = lease
         self.renew_interval = renew_interval
         self._commits = GroupCommit(sessions)
+        self.digests = DigestBackfill(sessions, stager.volume)
         self._wake = asyncio.Event()
         self._tasks: dict[asyncio.Task[None], FileJob] = {}
         # Carts cancelled lately: a claim that read them as live just before the DELETE
@@ -72,6 +74,7 @@ class Worker:
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._run(), name="cartd-worker")
         self._lease_task = asyncio.create_task(self._keep_leases(), name="cartd-leases")
+        self.digests.start()
 
     async def stop(self) -> None:
         """Cancel everything; interrupted files stay `staging` until their lease lapses
@@ -82,6 +85,7 @@ class Worker:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        await self.digests.stop()
         await self._commits.drain()
 
     @property
@@ -206,9 +210,12 @@ class Worker:
             await self._record_failure(job, f"internal error: {exc!r}")
             return
         sums = staged.checksums
-        if await self._settle(
+        finished = await self._settle(
             lambda s: store.file_staged(s, job, staged.size, staged.mtime, sums.crc32, sums.sha256)
-        ):
+        )
+        if sums.crc32 is None or sums.sha256 is None:
+            self.digests.add(job.cart_id, job.file_id)
+        if finished:
             self.stager.cache.cart_finished(job.cart_id)
             log.info("cart %s is ready", job.cart_uid)
 

@@ -82,7 +82,6 @@ def parse_status(headers: httpx.Headers, file_id: str) -> FileInfo:
 class PacificaArchive:
     def __init__(self, base_url: str, settings: Settings) -> None:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
-        self.chunk_size = settings.transfer_size
         # Requests queue for one of `archive_concurrency` slots (the reference server corrupts
         # concurrent GETs, so sites running it set 1).  Waiting for a slot is not a fault,
         # so it happens here, outside httpx's pool timeout and the worker's retry budget.
@@ -137,7 +136,9 @@ class PacificaArchive:
 
     async def _chunks(self, response: httpx.Response) -> AsyncIterator[bytes]:
         try:
-            async for chunk in response.aiter_bytes(self.chunk_size):
+            # As the socket delivers: re-chunking here would copy every byte once more,
+            # and staging gathers the pieces into batches without joining them.
+            async for chunk in response.aiter_bytes():
                 yield chunk
         except httpx.TransportError as exc:
             raise TransientArchiveError(f"archive connection lost mid-file: {exc!r}") from exc

@@ -689,11 +689,22 @@ async def _first_failure(session: AsyncSession, cart_id: int) -> tuple[str, str]
     return (row[0], row[1]) if row else ("", "")
 
 
-async def record_checksums(session: AsyncSession, found: dict[int, tuple[int, str]]) -> None:
-    """Save (CRC-32, SHA-256) by file id, computed late for files staged before schema 0003."""
+_CHECKSUMS = (
+    update(_FILES)
+    .where(_FILES.c.id == bindparam("file_id"))
+    .values(crc32=bindparam("crc"), sha256=bindparam("sha"))
+)
+
+
+async def record_checksums(session: AsyncSession, found: Mapping[int, tuple[int, str]]) -> None:
+    """Save (CRC-32, SHA-256) by file id, computed after staging (digests.py, downloads.py).
+
+    A plain executemany: a row deleted meanwhile (its cart deleted or evicted) matches
+    nothing and costs the others nothing; the digests were only ever a cache.
+    """
     if found:
-        rows = [{"id": key, "crc32": crc, "sha256": sha} for key, (crc, sha) in found.items()]
-        await session.execute(update(CartFile), rows)  # bulk UPDATE by primary key
+        rows = [{"file_id": key, "crc": crc, "sha": sha} for key, (crc, sha) in found.items()]
+        await session.execute(_CHECKSUMS, rows)
 
 
 async def requeue_interrupted(session: AsyncSession) -> int:
