@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from cartd.carts import VALIDATE_SLICE, InvalidCart, fingerprint, parse_cart
+from cartd.carts import HASH_SLICE, InvalidCart, fingerprint, parse_cart
 from cartd.carts import _describe as describe
 from cartd.schemas import (
     MAX_NAME_BYTES,
@@ -278,6 +278,9 @@ def test_parse_cart_needs_an_object(document: Any) -> None:
     assert refusal(document) == 'request body must be a JSON object with a "fileids" list'
 
 
+ENTRY = json.dumps(item("e", "entry"))
+
+
 def _raw(file_id: str = '"a"', path: str = '"x"', rest: str = "") -> str:
     """A cart body as JSON text, for inputs json.dumps cannot write."""
     entry = f'{{"id": {file_id}, "path": {path}, "hashtype": "sha1", "hashsum": "{"a" * 40}"}}'
@@ -293,10 +296,20 @@ def _raw(file_id: str = '"a"', path: str = '"x"', rest: str = "") -> str:
         _raw(file_id="1e2"),
         _raw(rest=', "ttl": "5", "manifest": 1, "other": NaN'),
         _raw(path='"\\ud800"'),  # a lone surrogate
+        # Objects shaped like entries where no entry belongs: parse_cart decodes every
+        # object that FileEntry accepts as an entry, wherever it is.
+        _raw(rest=f', "manifest": {ENTRY}'),
+        _raw(rest=f', "ttl": {ENTRY}'),
+        _raw(rest=f', "bundle": {ENTRY}, "other": [{ENTRY}]'),
+        _raw(file_id=ENTRY),
+        _raw(rest=f", {ENTRY[1:-1]}"),  # the whole body is also an entry
+        f'{{"fileids": [{ENTRY}, [{ENTRY}]]}}',
+        f'{{"fileids": [{ENTRY[:-1]}, "extra": {ENTRY}}}]}}',
     ],
 )
 def test_parse_cart_fast_path_agrees_with_the_document_path(body: str) -> None:
-    """parse_cart validates the bytes directly; it must accept and refuse what json does."""
+    """parse_cart decodes entries as it goes; it must accept and refuse what the model
+    does with json's document, and find the same values."""
     try:
         expected: Any = NewCart.of(CartRequest.model_validate(json.loads(body)))
     except ValueError:
@@ -381,8 +394,8 @@ def test_fingerprint_depends_on_order() -> None:
     assert _fingerprint(cart(first, second)) != _fingerprint(cart(second, first))
 
 
-def _slices(count: int = VALIDATE_SLICE * 2 + 7) -> list[dict[str, Any]]:
-    """A cart spanning three of parse_cart's validation slices."""
+def _slices(count: int = HASH_SLICE * 2 + 7) -> list[dict[str, Any]]:
+    """A cart spanning three of fingerprint's slices."""
     return [
         item(n if n % 2 else f"id{n}", f"/d{n % 3}/f{n}", hashtype="SHA1") for n in range(count)
     ]
