@@ -22,16 +22,13 @@ log, since the AccessLog middleware writes one in cartd's format.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import socket
-import threading
-import time
-from collections.abc import Callable
 
 import uvicorn
 from fastapi import FastAPI
 
+from cartd import heap
 from cartd.runtime import Runtime
 from cartd.settings import Settings
 
@@ -55,47 +52,9 @@ class GracefulServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-M_ARENA_MAX = -8  # glibc's mallopt parameter
-MALLOC_ARENAS = 2
-TRIM_INTERVAL = 1.0  # seconds between malloc_trim calls
-
-
-def tune_malloc() -> None:
-    """Cap glibc's malloc arenas, and give freed heap back every second.
-
-    glibc gives threads that allocate at once arenas of their own (up to 8 per core), and
-    each keeps the memory it once held.  Download reads and digests run in worker threads
-    with megabyte buffers, so the arenas add up: two of them cut peak RSS by about a tenth
-    in `make bench` (8 concurrent downloads, a 100,000-file POST).
-
-    Transfer chunks of 1 MiB also come from the heap (glibc raises its mmap threshold to
-    the size of any mapped block freed), between small objects that keep the freed space
-    from going back on its own: staging a 1 GiB cart left 57 MiB of free heap resident
-    for good.  malloc_trim returns it.  Fixing the mmap threshold would too, but mapping
-    and unmapping every chunk halved download throughput.  The trim runs in a thread of
-    its own, outside the GIL; it takes well under a millisecond when little is free, and
-    about 14 ms to give back 100 MiB.  Not glibc: nothing to do.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
-    trimmer = threading.Thread(
-        target=_trim_forever, args=(libc.malloc_trim,), name="malloc-trim", daemon=True
-    )
-    trimmer.start()
-
-
-def _trim_forever(malloc_trim: Callable[[int], int]) -> None:
-    while True:
-        time.sleep(TRIM_INTERVAL)
-        malloc_trim(0)
-
-
 def serve(app: FastAPI, settings: Settings, log_level: str) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully (see the module docstring)."""
-    tune_malloc()
+    heap.tune()
     config = uvicorn.Config(
         app,
         host=settings.host,
