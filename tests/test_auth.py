@@ -375,9 +375,9 @@ def _replay(
         response = client.request(verb, path.replace("{cart_id}", "c"), headers=headers)
         media = document["paths"][path][verb.lower()]["responses"][code]["content"]
         (documented,) = media.values()
-        assert (
-            assert_error(response, int(code)) == documented["examples"][name]["value"]["message"]
-        ), (verb, path, name)
+        assert assert_error(response, int(code)) == documented["examples"][name]["value"][
+            "message"
+        ], (verb, path, name)
         replayed.add((verb, path, name))
     return replayed
 

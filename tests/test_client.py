@@ -155,7 +155,9 @@ def publish(archive: ArchiveServer, tmp: Path, files: dict[str, bytes] = FILES) 
 
 
 def extracted(top: Path) -> dict[str, bytes]:
-    return {p.relative_to(top).as_posix(): p.read_bytes() for p in top.rglob("*") if p.is_file()}
+    return {
+        p.relative_to(top).as_posix(): p.read_bytes() for p in top.rglob("*") if p.is_file()
+    }
 
 
 def run(cart: Path, out: Path, url: str, *extra: str) -> int:

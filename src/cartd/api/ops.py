@@ -20,6 +20,8 @@ router = APIRouter(tags=["service"])
 RESERVED_CART_IDS = frozenset({"healthz", "readyz", "metrics"})
 
 
+
+
 _CHECKS = "Each check (database, volume, worker) and `ok` or what is wrong with it"
 _ALL_OK = {"database": "ok", "volume": "ok", "worker": "ok"}
 _VOLUME_DOWN = {**_ALL_OK, "volume": "not writable: [Errno 30] Read-only file system"}
@@ -60,7 +62,9 @@ async def healthz() -> Message:
     "CARTD_READY_TIMEOUT seconds; else 503 naming what failed.",
     responses={
         200: {
-            "content": {"application/json": {"example": {"message": "ready", "checks": _ALL_OK}}}
+            "content": {
+                "application/json": {"example": {"message": "ready", "checks": _ALL_OK}}
+            }
         },
         503: {
             "model": NotReady,

@@ -154,7 +154,9 @@ async def downgrade(engine: AsyncEngine, revision: str) -> None:
 
 def _prepare(connection: Connection, auto_migrate: bool) -> SchemaStatus:
     status = _status(connection)
-    if status.state is SchemaState.EMPTY or (status.state is SchemaState.BEHIND and auto_migrate):
+    if status.state is SchemaState.EMPTY or (
+        status.state is SchemaState.BEHIND and auto_migrate
+    ):
         command.upgrade(alembic_config(connection), "head")
     elif status.state is not SchemaState.CURRENT:
         raise SchemaMismatch(status)
