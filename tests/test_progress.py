@@ -115,9 +115,7 @@ def test_eta_is_unknown_before_the_first_byte(
     assert status["files_staging"] == 1
 
 
-def test_retry_after_only_while_staging(
-    make_service: MakeService, archive: ArchiveServer
-) -> None:
+def test_retry_after_only_while_staging(make_service: MakeService, archive: ArchiveServer) -> None:
     service = make_service(**LIVE)
     archive.add_file("tape", b"held on tape", tape_delay=math.inf)
     assert service.post("slow", [entry("tape", "t.txt", b"held on tape")]).status_code == 201
@@ -176,8 +174,7 @@ async def test_progress_writes_never_overwrite_an_outcome(db_url: str) -> None:
     try:
         await upgrade(engine)
         sessions = create_session_factory(engine)
-        row = {"hashtype": "sha1", "hashsum": "0" * 40}
-        rows = [{**row, "position": i, "archive_id": f"f{i}", "path": f"f{i}"} for i in range(3)]
+        rows = [(f"f{i}", f"f{i}", "sha1", "0" * 40) for i in range(3)]
         async with sessions.begin() as session:
             cart = await store.insert_cart(session, "c", "fingerprint", rows)
         async with sessions.begin() as session:
@@ -192,7 +189,9 @@ async def test_progress_writes_never_overwrite_an_outcome(db_url: str) -> None:
             files = await store.cart_files(session, cart.id)
             totals = await store.cart_totals(session, cart.id)
         assert [(f.state, f.bytes_staged) for f in files] == [
-            ("staged", 100), ("staging", 50), ("waiting", 0)
+            ("staged", 100),
+            ("staging", 50),
+            ("waiting", 0),
         ]
         assert (totals.bytes_staged, totals.staging, totals.waiting, totals.sized) == (150, 1, 1, 1)
         async with sessions.begin() as session:

@@ -9,12 +9,14 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from cartd.carts import InvalidCart, fingerprint, parse_cart
+from cartd.carts import HASH_SLICE, InvalidCart, fingerprint, parse_cart
+from cartd.carts import _describe as describe
 from cartd.schemas import (
     MAX_NAME_BYTES,
     MAX_PATH_BYTES,
     CartRequest,
     FileEntry,
+    NewCart,
     digest_size,
     normalise_path,
     valid_cart_id,
@@ -276,6 +278,9 @@ def test_parse_cart_needs_an_object(document: Any) -> None:
     assert refusal(document) == 'request body must be a JSON object with a "fileids" list'
 
 
+ENTRY = json.dumps(item("e", "entry"))
+
+
 def _raw(file_id: str = '"a"', path: str = '"x"', rest: str = "") -> str:
     """A cart body as JSON text, for inputs json.dumps cannot write."""
     entry = f'{{"id": {file_id}, "path": {path}, "hashtype": "sha1", "hashsum": "{"a" * 40}"}}'
@@ -291,16 +296,26 @@ def _raw(file_id: str = '"a"', path: str = '"x"', rest: str = "") -> str:
         _raw(file_id="1e2"),
         _raw(rest=', "ttl": "5", "manifest": 1, "other": NaN'),
         _raw(path='"\\ud800"'),  # a lone surrogate
+        # Objects shaped like entries where no entry belongs: parse_cart decodes every
+        # object that FileEntry accepts as an entry, wherever it is.
+        _raw(rest=f', "manifest": {ENTRY}'),
+        _raw(rest=f', "ttl": {ENTRY}'),
+        _raw(rest=f', "bundle": {ENTRY}, "other": [{ENTRY}]'),
+        _raw(file_id=ENTRY),
+        _raw(rest=f", {ENTRY[1:-1]}"),  # the whole body is also an entry
+        f'{{"fileids": [{ENTRY}, [{ENTRY}]]}}',
+        f'{{"fileids": [{ENTRY[:-1]}, "extra": {ENTRY}}}]}}',
     ],
 )
 def test_parse_cart_fast_path_agrees_with_the_document_path(body: str) -> None:
-    """parse_cart validates the bytes directly; it must accept and refuse what json does."""
+    """parse_cart decodes entries as it goes; it must accept and refuse what the model
+    does with json's document, and find the same values."""
     try:
-        expected: Any = CartRequest.model_validate(json.loads(body)).model_dump()
+        expected: Any = NewCart.of(CartRequest.model_validate(json.loads(body)))
     except ValueError:
         expected = InvalidCart
     try:
-        got: Any = parse_cart(body.encode("utf-8", "surrogatepass"), 10).model_dump()
+        got: Any = parse_cart(body.encode("utf-8", "surrogatepass"), 10)
     except InvalidCart:
         got = InvalidCart
     assert got == expected
@@ -355,7 +370,7 @@ def test_parse_cart_lone_surrogate_in_path_is_invalid_cart() -> None:
 
 
 def _fingerprint(document: dict[str, Any]) -> str:
-    return fingerprint(CartRequest.model_validate(document))
+    return fingerprint(NewCart.of(CartRequest.model_validate(document)))
 
 
 def test_fingerprint_ignores_spelling_that_validation_normalises() -> None:
@@ -377,3 +392,49 @@ def test_fingerprint_differs_for_a_different_list(change: dict[str, Any]) -> Non
 def test_fingerprint_depends_on_order() -> None:
     first, second = item("a", "a"), item("b", "b")
     assert _fingerprint(cart(first, second)) != _fingerprint(cart(second, first))
+
+
+def _slices(count: int = HASH_SLICE * 2 + 7) -> list[dict[str, Any]]:
+    """A cart spanning three of fingerprint's slices."""
+    return [
+        item(n if n % 2 else f"id{n}", f"/d{n % 3}/f{n}", hashtype="SHA1") for n in range(count)
+    ]
+
+
+@pytest.mark.parametrize("options", [{}, {"manifest": True}, {"allow_partial": True, "ttl": 5}])
+def test_fingerprint_is_the_sha256_of_the_whole_list(options: dict[str, Any]) -> None:
+    """Stored fingerprints must keep matching retries: it is hashed a slice at a time, but
+    over the same bytes as one json.dumps of the canonical list."""
+    request = CartRequest.model_validate(cart(*_slices(), **options))
+    canonical: list[Any] = [[e.archive_id, e.path, e.hashtype, e.hashsum] for e in request.fileids]
+    if options.get("manifest") or options.get("allow_partial"):
+        canonical.append({"manifest": request.manifest, "allow_partial": request.allow_partial})
+    whole = hashlib.sha256(json.dumps(canonical).encode()).hexdigest()
+    assert fingerprint(NewCart.of(request)) == whole
+
+
+def test_parse_cart_over_several_slices_equals_the_model() -> None:
+    document = cart(*_slices(), ttl=7, manifest=True, other=1)
+    got = parse_cart(json.dumps(document).encode(), 10**6)
+    assert got == NewCart.of(CartRequest.model_validate(document))
+    assert got.fileids[1].archive_id == "1"
+    assert got.fileids[2].path == "d2/f2"
+    assert {entry.hashtype for entry in got.fileids} == {"sha1"}
+
+
+@pytest.mark.parametrize(
+    "late",
+    [
+        {"path": "d0/f0"},  # duplicates the first entry, two slices earlier
+        {"path": "d1"},  # a directory of entries in every slice
+        {"hashsum": "x"},  # a bad entry in the last slice only
+        {"path": "MANIFEST.sha1"},  # a generated file's name
+    ],
+)
+def test_parse_cart_refuses_a_late_entry_as_the_model_does(late: dict[str, Any]) -> None:
+    entries = _slices()
+    entries[-1] = {**entries[-1], **late}
+    document = cart(*entries, manifest=True)
+    with pytest.raises(ValidationError) as caught:
+        CartRequest.model_validate(document)
+    assert refusal(document, 10**6) == describe(caught.value)

@@ -22,7 +22,6 @@ log, since the AccessLog middleware writes one in cartd's format.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import socket
@@ -30,6 +29,7 @@ import socket
 import uvicorn
 from fastapi import FastAPI
 
+from cartd import heap
 from cartd.runtime import Runtime
 from cartd.settings import Settings
 
@@ -70,28 +70,9 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-M_ARENA_MAX = -8  # glibc's mallopt parameter
-MALLOC_ARENAS = 2
-
-
-def limit_malloc_arenas() -> None:
-    """Cap glibc's malloc arenas before any worker thread allocates.
-
-    glibc gives threads that allocate at once arenas of their own (up to 8 per core), and
-    each keeps the memory it once held.  Download reads and digests run in worker threads
-    with megabyte buffers, so the arenas add up: two of them cut peak RSS by about a tenth
-    in `make bench` (8 concurrent downloads, a 100,000-file POST).  Not glibc: nothing to do.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
-
-
 def serve(app: FastAPI, settings: Settings, log_level: str) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully (see the module docstring)."""
-    limit_malloc_arenas()
+    heap.tune()
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from cartd import heap
 from cartd.archive import Archive, ArchiveFileError, FileInfo, Media, TransientArchiveError
 from cartd.cache import NO_SPACE, Cache, NoSpace, Reservation
 from cartd.checksums import Checksums, Hasher
@@ -158,6 +159,8 @@ class Stager:
                 await pipeline.flush()
             finally:
                 await pipeline.settle()
+                if received >= PARALLEL_HASHING:  # megabyte chunks were freed: give them back
+                    heap.release_soon()
         return received, hasher.result()
 
 
