@@ -104,6 +104,7 @@ class Stager:
             sums = await self._retry(lambda: self._transfer(job, info, part, reservation))
             if sums.requested == job.hashsum.lower():
                 await asyncio.to_thread(commit_file, part, final, info.mtime)
+                await self.volume.dir_sync.sync(final.parent)
                 self.metrics.file_staged(info.size)
                 return Staged(size=info.size, mtime=info.mtime, checksums=sums)
             part.unlink(missing_ok=True)
