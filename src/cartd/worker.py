@@ -195,7 +195,9 @@ class Worker:
             info = await self.stager.bring_online(job)
             if info.size > self.stager.settings.transfer_size:  # worth showing progress for
                 await self._settle(
-                    lambda s: store.record_size(s, job.file_id, info.size, info.mtime)
+                    lambda: self._commits.run(
+                        lambda s: store.record_size(s, job.file_id, info.size, info.mtime)
+                    )
                 )
             staged = await self.stager.fetch(job, info)
         except ArchiveFileError as exc:
@@ -206,17 +208,16 @@ class Worker:
             await self._record_failure(job, f"internal error: {exc!r}")
             return
         sums = staged.checksums
-        if await self._settle(
-            lambda s: store.file_staged(s, job, staged.size, staged.mtime, sums.crc32, sums.sha256)
-        ):
+        outcome = store.StagedFile(job, staged.size, staged.mtime, sums.crc32, sums.sha256)
+        if await self._settle(lambda: self._commits.run_together(store.files_staged, outcome)):
             self.stager.cache.forget_cart(job.cart_id)
             log.info("cart %s is ready", job.cart_uid)
 
-    async def _settle(self, operation: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    async def _settle(self, write: Callable[[], Awaitable[T]]) -> T:
         """Write an outcome, riding out a database blip: a lost write would strand the cart."""
         for attempt in range(1, DB_WRITE_ATTEMPTS + 1):
             try:
-                return await self._commits.run(operation)
+                return await write()
             except SQLAlchemyError as exc:
                 if attempt == DB_WRITE_ATTEMPTS:
                     raise
@@ -226,7 +227,8 @@ class Worker:
 
     async def _record_failure(self, job: FileJob, error: str) -> None:
         log.warning("file %s of cart %s failed: %s", job.archive_id, job.cart_uid, error)
-        if await self._settle(lambda s: store.file_failed(s, job, error)):
+        failed = lambda: self._commits.run(lambda s: store.file_failed(s, job, error))  # noqa: E731
+        if await self._settle(failed):
             self.stager.cache.forget_cart(job.cart_id)
             await self._cancel_siblings(job)
 
