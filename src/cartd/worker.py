@@ -5,12 +5,12 @@ The database is the queue: nothing is handed over in memory, so a restart (even 
 kill -9) finds every unfinished file as a row and starts it again.  Memory only holds the
 asyncio tasks, so that a DELETE can cancel its cart's fetches promptly.
 
-A fetch's slot is free again once its file is downloaded and verified: the fsyncs and
+A small file's fetch slot is free again once it is downloaded and verified: the fsyncs and
 the outcome write (in the next group commit) do not hold up the next download.  While
 fetches finish quickly, the worker also claims up to two rounds of jobs ahead (leased like
 running ones), so a freed slot starts its next file at once instead of after a claim
-transaction.  Slow fetches (tape, big files) finish rarely and nothing is claimed ahead
-of them: other replicas can take the waiting files.
+transaction.  Only small files count as quick, and those on tape finish rarely: nothing
+is claimed ahead of slow fetches, so other replicas can take the waiting files.
 
 Several replicas may share the database.  A claim is a lease (owner, expiry) that the
 lease loop here renews every CARTD_CANCEL_POLL_INTERVAL seconds.  The same renewal tells
@@ -247,7 +247,8 @@ class Worker:
         self._free_slot(task)
 
     def _verified(self) -> None:
-        """Called in the fetch task: the download is done and checked, the slot is free."""
+        """Called in a small file's fetch task: the download is done and checked, so its
+        slot is free, and it counts as a quick fetch for claiming ahead."""
         self._recent.append(time.monotonic())
         if (task := asyncio.current_task()) is not None:
             self._free_slot(task)
@@ -270,7 +271,11 @@ class Worker:
                         lambda s: store.record_size(s, job.file_id, info.size, info.mtime)
                     )
                 )
-            staged = await self.stager.fetch(job, info, self._verified)
+            # A one-chunk file spends most of its time on fsyncs and its outcome write:
+            # it hands its slot on once verified.  A bigger one keeps it to the end, so
+            # the status never shows more files staging than the concurrency meanwhile.
+            small = info.size <= self.stager.settings.transfer_size
+            staged = await self.stager.fetch(job, info, self._verified if small else _nothing)
         except ArchiveFileError as exc:
             await self._record_failure(job, str(exc))
             return
@@ -317,3 +322,7 @@ class Worker:
         ]
         for task in siblings:
             task.cancel()
+
+
+def _nothing() -> None:
+    """A big file's `verified`: its slot stays taken until its outcome is recorded."""
