@@ -243,3 +243,36 @@ def test_eta_needs_elapsed_time() -> None:
 )
 def test_retry_after_clamps_the_eta(eta: float | None, header: int) -> None:
     assert retry_after(eta) == header
+
+
+async def test_a_batch_of_outcomes_reports_each_finished_cart_once(db_url: str) -> None:
+    """Outcomes recorded together: every file staged, and each cart they finish reported
+    ready by exactly one of them (its log line and cache bookkeeping run once)."""
+    engine = create_engine(Settings(database_url=db_url))
+    try:
+        await upgrade(engine)
+        sessions = create_session_factory(engine)
+        row = {"hashtype": "sha1", "hashsum": "0" * 40}
+        carts = []
+        for uid, count in (("one", 3), ("two", 2)):
+            rows = [
+                {**row, "position": i, "archive_id": f"{uid}{i}", "path": f"f{i}"}
+                for i in range(count)
+            ]
+            async with sessions.begin() as session:
+                carts.append((await store.insert_cart(session, uid, f"fp-{uid}", rows)).id)
+        async with sessions.begin() as session:
+            jobs = await store.claim_files(session, 5, store.Lease("test", 60.0))
+        assert {job.cart_id for job in jobs} == set(carts)
+        outcomes = [store.StagedFile(job, 1, 0.0, 7, "0" * 64) for job in jobs[1:]]
+        async with sessions.begin() as session:
+            finished = await store.files_staged(session, outcomes)
+        # The first cart still has a file staging; the second is ready, reported once.
+        ready = [o.job.cart_id for o, done in zip(outcomes, finished, strict=True) if done]
+        assert ready == [carts[1]]
+        async with sessions.begin() as session:
+            assert await store.files_staged(session, [store.StagedFile(jobs[0], 1, 0.0)]) == [True]
+            files = await store.cart_files(session, carts[0])
+        assert [(f.state, f.size, f.bytes_staged) for f in files] == [("staged", 1, 1)] * 3
+    finally:
+        await engine.dispose()

@@ -83,19 +83,25 @@ class Stager:
                 )
             await asyncio.sleep(delay)
 
-    async def fetch(self, job: FileJob, info: FileInfo) -> Staged:
-        """Reserve the space, then download and verify; the reservation ends with the fetch."""
+    async def fetch(
+        self, job: FileJob, info: FileInfo, verified: Callable[[], None] = lambda: None
+    ) -> Staged:
+        """Reserve the space, then download and verify; the reservation ends with the fetch.
+
+        `verified` is called once the bytes are downloaded and checked, before they are
+        made durable: the archive connection is free from then on.
+        """
         try:
             reservation = await self.cache.reserve(job.file_id, job.cart_id, info.size)
         except NoSpace as exc:
             raise ArchiveFileError(str(exc)) from None
         try:
-            return await self._fetch_reserved(job, info, reservation)
+            return await self._fetch_reserved(job, info, reservation, verified)
         finally:
             self.cache.release(job.file_id)
 
     async def _fetch_reserved(
-        self, job: FileJob, info: FileInfo, reservation: Reservation
+        self, job: FileJob, info: FileInfo, reservation: Reservation, verified: Callable[[], None]
     ) -> Staged:
         """Download and verify; a checksum mismatch earns exactly one more download."""
         final = self.volume.file_path(job.cart_id, job.file_id)
@@ -104,7 +110,9 @@ class Stager:
         for attempt in (1, 2):
             sums = await self._retry(lambda: self._transfer(job, info, part, reservation))
             if sums.requested == job.hashsum.lower():
+                verified()
                 await asyncio.to_thread(commit_file, part, final, info.mtime)
+                await self.volume.dir_sync.sync(final.parent)
                 self.metrics.file_staged(info.size)
                 return Staged(size=info.size, mtime=info.mtime, checksums=sums)
             part.unlink(missing_ok=True)

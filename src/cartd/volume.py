@@ -44,6 +44,7 @@ class Volume:
         self.carts_dir = self.root / "carts"
         self._streams: Counter[int] = Counter()
         self._doomed: set[int] = set()
+        self.dir_sync = DirSync()
 
     def ensure(self) -> None:
         self.carts_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +113,11 @@ class Volume:
 
 
 def commit_file(part: Path, final: Path, mtime: float) -> None:
-    """fsync, set the archive's mtime, then rename: the order makes the final name a promise."""
+    """fsync, set the archive's mtime, then rename: the order makes the final name a promise.
+
+    The rename is durable only once the directory is fsynced (`DirSync`): the caller must
+    wait for that before it records the file as staged.
+    """
     fd = os.open(part, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -120,8 +125,51 @@ def commit_file(part: Path, final: Path, mtime: float) -> None:
         os.close(fd)
     os.utime(part, (mtime, mtime))
     os.replace(part, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+
+def _fsync_dirs(directories: list[Path]) -> dict[Path, OSError]:
+    """fsync each directory; the failures, by directory (the others are durable)."""
+    failed: dict[Path, OSError] = {}
+    for directory in directories:
+        try:
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            failed[directory] = exc
+    return failed
+
+
+class DirSync:
+    """Directory fsyncs shared by the renames that wait for them.
+
+    Small files are renamed into one cart directory by the hundred per second.  One fsync
+    of the directory makes every rename done before it began durable, so renames that
+    arrive while an fsync runs wait together for the next one: one fsync per batch, not
+    per file, and no timer.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[Path, list[asyncio.Future[None]]] = {}
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def sync(self, directory: Path) -> None:
+        """Return once `directory` was fsynced after this call began."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(directory, []).append(future)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="cartd-dir-sync")
+        await asyncio.shield(future)  # a cancelled caller must not stop the others' fsync
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, {}
+            failed = await asyncio.to_thread(_fsync_dirs, list(batch))
+            for directory, futures in batch.items():
+                for future in (f for f in futures if not f.done()):
+                    if (error := failed.get(directory)) is not None:
+                        future.set_exception(error)
+                    else:
+                        future.set_result(None)
