@@ -68,10 +68,7 @@ async def database(db_url: str) -> AsyncIterator[SessionFactory]:
 
 
 async def new_cart(sessions: SessionFactory, uid: str, count: int) -> int:
-    row = {"hashtype": "sha1", "hashsum": "0" * 40}
-    rows = [
-        {**row, "position": i, "archive_id": f"{uid}{i}", "path": f"f{i}"} for i in range(count)
-    ]
+    rows = [(f"{uid}{i}", f"f{i}", "sha1", "0" * 40) for i in range(count)]
     async with sessions.begin() as session:
         cart = await store.insert_cart(session, uid, f"fp-{uid}", rows)
     return cart.id

@@ -252,13 +252,9 @@ async def test_a_batch_of_outcomes_reports_each_finished_cart_once(db_url: str) 
     try:
         await upgrade(engine)
         sessions = create_session_factory(engine)
-        row = {"hashtype": "sha1", "hashsum": "0" * 40}
         carts = []
         for uid, count in (("one", 3), ("two", 2)):
-            rows = [
-                {**row, "position": i, "archive_id": f"{uid}{i}", "path": f"f{i}"}
-                for i in range(count)
-            ]
+            rows = [(f"{uid}{i}", f"f{i}", "sha1", "0" * 40) for i in range(count)]
             async with sessions.begin() as session:
                 carts.append((await store.insert_cart(session, uid, f"fp-{uid}", rows)).id)
         async with sessions.begin() as session:

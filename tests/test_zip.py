@@ -610,16 +610,7 @@ async def test_late_checksums_skip_rows_deleted_meanwhile(db_url: str) -> None:
     try:
         await upgrade(engine)
         sessions = create_session_factory(engine)
-        rows = [
-            {
-                "position": i,
-                "archive_id": f"f{i}",
-                "path": f"f{i}",
-                "hashtype": "sha1",
-                "hashsum": "0" * 40,
-            }
-            for i in range(2)
-        ]
+        rows = [(f"f{i}", f"f{i}", "sha1", "0" * 40) for i in range(2)]
         async with sessions.begin() as session:
             cart = await store.insert_cart(session, "c", "fingerprint", rows)
             kept = (await store.cart_files(session, cart.id))[0].id
