@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from alembic.config import Config
 from archive_server import ArchiveServer
 from cartd.app import create_app
 from cartd.db import migrate
+from cartd.db.session import SessionFactory, create_engine, create_session_factory
 from cartd.runtime import Runtime
 from cartd.settings import Settings
 
@@ -68,6 +69,20 @@ def database(kind: str, root: Path) -> Iterator[str]:
         with admin.cursor() as cursor:
             cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
         admin.close()
+
+
+@contextlib.asynccontextmanager
+async def store_sessions(db_url: str) -> AsyncIterator[SessionFactory]:
+    """Sessions on a migrated database, for tests that call db.store directly.
+
+    Opened inside the test: an async fixture would run on another event loop.
+    """
+    engine = create_engine(Settings(database_url=db_url))
+    try:
+        await migrate.upgrade(engine)
+        yield create_session_factory(engine)
+    finally:
+        await engine.dispose()
 
 
 def sync_url(db_url: str) -> str:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -21,13 +20,12 @@ from cartd import worker as worker_module
 from cartd.archive import FileInfo, Media
 from cartd.checksums import Checksums
 from cartd.db import store
-from cartd.db.migrate import upgrade
 from cartd.db.models import CartFile
-from cartd.db.session import SessionFactory, create_engine, create_session_factory
+from cartd.db.session import SessionFactory
 from cartd.db.store import FileJob, Lease
-from cartd.settings import Settings
 from cartd.staging import Staged, Stager
 from cartd.worker import Worker
+from conftest import store_sessions
 
 LEASE = Lease("test-owner", 60.0)
 
@@ -54,17 +52,6 @@ class FakeStager:
     async def fetch(self, job: FileJob, info: FileInfo, verified: Callable[[], None]) -> Staged:
         verified()
         return Staged(size=1, mtime=0.0, checksums=Checksums("x", "0" * 64, 0))
-
-
-@asynccontextmanager
-async def database(db_url: str) -> AsyncIterator[SessionFactory]:
-    """Engine and schema inside the test: an async fixture would run on another loop."""
-    engine = create_engine(Settings(database_url=db_url))
-    try:
-        await upgrade(engine)
-        yield create_session_factory(engine)
-    finally:
-        await engine.dispose()
 
 
 async def new_cart(sessions: SessionFactory, uid: str, count: int) -> int:
@@ -94,7 +81,7 @@ async def test_quick_fetches_claim_ahead_leased_renewed_and_dropped_with_their_c
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(worker_module, "AHEAD_WINDOW_SECONDS", 3600.0)  # a loaded test host
-    async with database(db_url) as sessions:
+    async with store_sessions(db_url) as sessions:
         stager = FakeStager()
         stager.quick = 6
         cart_id = await new_cart(sessions, "ahead", 40)
@@ -128,7 +115,7 @@ async def test_quick_fetches_claim_ahead_leased_renewed_and_dropped_with_their_c
 
 
 async def test_slow_fetches_claim_nothing_ahead(db_url: str) -> None:
-    async with database(db_url) as sessions:
+    async with store_sessions(db_url) as sessions:
         stager = FakeStager()
         await new_cart(sessions, "slow", 10)
         worker = Worker(sessions, cast(Stager, stager), 2, LEASE, renew_interval=3600)

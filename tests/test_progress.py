@@ -16,12 +16,9 @@ import pytest
 
 from archive_server import CHUNK_SIZE, ArchiveServer
 from cartd.db import store
-from cartd.db.migrate import upgrade
-from cartd.db.session import create_engine, create_session_factory
 from cartd.db.store import CartTotals
 from cartd.progress import eta_seconds, retry_after
-from cartd.settings import Settings
-from conftest import MakeService, Service, assert_error, entry, make_ready
+from conftest import MakeService, Service, assert_error, entry, make_ready, store_sessions
 
 # Fast progress: every in-flight count reaches the database within 50 ms.
 LIVE = {"progress_interval": 0.05, "transfer_size": 65536}
@@ -170,10 +167,7 @@ def test_retry_after_follows_the_estimate(
 async def test_progress_writes_never_overwrite_an_outcome(db_url: str) -> None:
     """A count read just before a file was recorded staged must not undo that record, and
     files put back in the queue start again from 0."""
-    engine = create_engine(Settings(database_url=db_url))
-    try:
-        await upgrade(engine)
-        sessions = create_session_factory(engine)
+    async with store_sessions(db_url) as sessions:
         rows = [(f"f{i}", f"f{i}", "sha1", "0" * 40) for i in range(3)]
         async with sessions.begin() as session:
             cart = await store.insert_cart(session, "c", "fingerprint", rows)
@@ -198,8 +192,6 @@ async def test_progress_writes_never_overwrite_an_outcome(db_url: str) -> None:
             await store.requeue_interrupted(session)
             files = await store.cart_files(session, cart.id)
         assert [(f.state, f.bytes_staged) for f in files][1] == ("waiting", 0)
-    finally:
-        await engine.dispose()
 
 
 # --- the estimator itself --------------------------------------------------------------------
@@ -248,10 +240,7 @@ def test_retry_after_clamps_the_eta(eta: float | None, header: int) -> None:
 async def test_a_batch_of_outcomes_reports_each_finished_cart_once(db_url: str) -> None:
     """Outcomes recorded together: every file staged, and each cart they finish reported
     ready by exactly one of them (its log line and cache bookkeeping run once)."""
-    engine = create_engine(Settings(database_url=db_url))
-    try:
-        await upgrade(engine)
-        sessions = create_session_factory(engine)
+    async with store_sessions(db_url) as sessions:
         carts = []
         for uid, count in (("one", 3), ("two", 2)):
             rows = [(f"{uid}{i}", f"f{i}", "sha1", "0" * 40) for i in range(count)]
@@ -270,5 +259,3 @@ async def test_a_batch_of_outcomes_reports_each_finished_cart_once(db_url: str) 
             assert await store.files_staged(session, [store.StagedFile(jobs[0], 1, 0.0)]) == [True]
             files = await store.cart_files(session, carts[0])
         assert [(f.state, f.size, f.bytes_staged) for f in files] == [("staged", 1, 1)] * 3
-    finally:
-        await engine.dispose()

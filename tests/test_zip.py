@@ -34,9 +34,6 @@ from cartd.app import create_app
 from cartd.bundle import Format, Generated, StagedFile
 from cartd.checksums import Hasher
 from cartd.db import store
-from cartd.db.migrate import upgrade
-from cartd.db.session import create_engine, create_session_factory
-from cartd.settings import Settings
 from conftest import (
     DATABASES,
     MTIME,
@@ -45,6 +42,7 @@ from conftest import (
     assert_error,
     make_ready,
     standalone_service,
+    store_sessions,
     sync_url,
     wait_for,
 )
@@ -606,10 +604,7 @@ def test_a_big_file_is_hashed_once_while_staging() -> None:
 
 async def test_late_checksums_skip_rows_deleted_meanwhile(db_url: str) -> None:
     """A cart deleted while its files were being hashed must not cost the others theirs."""
-    engine = create_engine(Settings(database_url=db_url))
-    try:
-        await upgrade(engine)
-        sessions = create_session_factory(engine)
+    async with store_sessions(db_url) as sessions:
         rows = [(f"f{i}", f"f{i}", "sha1", "0" * 40) for i in range(2)]
         async with sessions.begin() as session:
             cart = await store.insert_cart(session, "c", "fingerprint", rows)
@@ -619,8 +614,6 @@ async def test_late_checksums_skip_rows_deleted_meanwhile(db_url: str) -> None:
         async with sessions.begin() as session:
             first = (await store.cart_files(session, cart.id))[0]
         assert (first.crc32, first.sha256) == (7, "b" * 64)
-    finally:
-        await engine.dispose()
 
 
 def test_rows_without_checksums_get_them_at_the_first_zip(
