@@ -23,6 +23,7 @@ import pytest
 import archive_server
 from archive_server import CHUNK_SIZE as CHUNK
 from archive_server import ArchiveServer
+from cartd import staging
 from conftest import (
     MakeService,
     Service,
@@ -484,3 +485,24 @@ def test_a_written_chunk_leaves_the_reservation_at_once(
     finally:
         archive.get_gate.set()
     assert service.wait_settled("c") == (204, "ready", "")
+
+
+def test_a_short_writev_continues_where_it_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk can make writev write part of a batch; the rest must follow in order."""
+    real_writev = os.writev
+
+    def at_most_100_bytes(fd: int, buffers: list[memoryview]) -> int:
+        first = bytes(buffers[0])[:100]
+        return real_writev(fd, [first])
+
+    monkeypatch.setattr(os, "writev", at_most_100_bytes)
+    pieces = [os.urandom(250), b"", os.urandom(99), os.urandom(1000)]
+    target = tmp_path / "batch"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT)
+    try:
+        staging.write_all(fd, pieces)
+    finally:
+        os.close(fd)
+    assert target.read_bytes() == b"".join(pieces)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from cartd.settings import Settings
 from cartd.volume import Volume, commit_file
 
 log = logging.getLogger(__name__)
+IOV_MAX = 1024  # POSIX requires at least 16; Linux allows 1024 buffers per writev
 
 HASH_MISMATCH = "File hash does not match provided hash"
 
@@ -155,7 +157,7 @@ class Stager:
         batch = self.settings.transfer_size
         hasher = Hasher(job.hashtype, extras=reservation.size <= batch)
         received = 0
-        with open(part, "wb") as handle:  # noqa: ASYNC230 - every write runs in to_thread
+        with open(part, "wb", buffering=0) as handle:  # noqa: ASYNC230 - writes run in to_thread
             pipeline = _Pipeline(handle, hasher, reservation, batch)
             try:
                 async with self.archive.open(job.archive_id) as chunks:
@@ -203,10 +205,10 @@ class _Pipeline:
         pieces, size = self._gathered, self._size
         self._gathered, self._size = [], 0
         if size < PARALLEL_HASHING:
-            jobs = [asyncio.to_thread(_write_and_hash, self.handle, self.hasher, pieces)]
+            jobs = [asyncio.to_thread(_write_and_hash, self.handle.fileno(), self.hasher, pieces)]
         else:
-            parts = [self.handle.write, *self.hasher.parts()]
-            jobs = [asyncio.to_thread(_each, part, pieces) for part in parts]
+            jobs = [asyncio.to_thread(write_all, self.handle.fileno(), pieces)]
+            jobs += [asyncio.to_thread(_each, part, pieces) for part in self.hasher.parts()]
         self._pending = [asyncio.ensure_future(job) for job in jobs]
         # The first job writes: its bytes leave the reservation the moment they are on disk,
         # not when the next batch arrives, which on a slow archive could be much later; the
@@ -242,7 +244,26 @@ def _each(update: Callable[[bytes], Any], pieces: list[bytes]) -> None:
         update(piece)
 
 
-def _write_and_hash(handle: Any, hasher: Hasher, pieces: list[bytes]) -> None:
+def _write_and_hash(fd: int, hasher: Hasher, pieces: list[bytes]) -> None:
+    write_all(fd, pieces)
     for piece in pieces:
-        handle.write(piece)
         hasher.update(piece)
+
+
+def write_all(fd: int, pieces: list[bytes]) -> None:
+    """One writev for a batch of pieces.
+
+    The kernel then sees one big write and caches the file in large folios, which the
+    downloads read back faster (about a tenth, A/B of `make bench` downloads); and nothing is
+    joined in Python.  A short write (a full disk) continues where it stopped, so the
+    next call raises the error.
+    """
+    views = [memoryview(piece) for piece in pieces if piece]
+    while views:
+        written = os.writev(fd, views[:IOV_MAX])
+        while written:
+            if written >= len(views[0]):
+                written -= len(views.pop(0))
+            else:
+                views[0] = views[0][written:]
+                written = 0
