@@ -253,7 +253,7 @@ def _write_and_hash(fd: int, hasher: Hasher, pieces: list[bytes]) -> None:
 def write_all(fd: int, pieces: list[bytes]) -> None:
     """One writev for a batch of pieces.
 
-    The kernel then sees one big write and caches the file in large folios, which the
+    The kernel then sees one big write and can cache the file in large folios, which the
     downloads read back faster (about a tenth, A/B of `make bench` downloads); and nothing is
     joined in Python.  A short write (a full disk) continues where it stopped, so the
     next call raises the error.
