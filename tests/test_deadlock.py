@@ -1,6 +1,7 @@
 """MariaDB picks deadlock and lock-wait victims; the API must run such a transaction again
-rather than answer 500.  (Under load the victim is a HEAD whose `touch` lost to the staging
-worker's claim; here a held row lock makes it happen on cue.)"""
+rather than answer 500.  (Under load the victim was a HEAD whose `touch` lost to the
+staging worker's claim.  HEAD now notes the use in memory, and a background write records
+it: that write is the one a held row lock makes wait, on cue, here.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pymysql
 import pytest
 
-from conftest import DATABASES, MARIADB, entry, standalone_service
+from conftest import DATABASES, MARIADB, entry, standalone_service, wait_for
 
 LOCK_WAIT = 1  # seconds: the service's statements give up waiting for a row lock after this
 
@@ -33,7 +34,7 @@ def short_lock_waits() -> Iterator[None]:
 
 
 @pytest.mark.parametrize("kind", [k for k in DATABASES if k == "mariadb"])
-def test_head_waits_out_a_lock_instead_of_answering_500(
+def test_head_answers_under_a_lock_and_its_use_is_written_once_it_lifts(
     kind: str, short_lock_waits: None, tmp_path: Path
 ) -> None:
     with standalone_service(kind, tmp_path) as (service, archive):
@@ -48,12 +49,21 @@ def test_head_waits_out_a_lock_instead_of_answering_500(
                 cursor.execute("UPDATE carts SET last_used_at = 0 WHERE uid = 'c'")
                 cursor.execute("BEGIN")
                 cursor.execute("SELECT id FROM carts WHERE uid = 'c' FOR UPDATE")
-            release = threading.Timer(LOCK_WAIT * 1.5, holder.rollback)
+            # Longer than a flush interval plus a lock wait: the first write must fail.
+            release = threading.Timer(LOCK_WAIT * 2.5, holder.rollback)
             release.start()
             try:
-                # The first attempt times out waiting (1205); a later one gets the row.
+                # The use write times out waiting (1205) and is kept for the next flush.
                 assert service.state("c") == (204, "ready", "")
             finally:
                 release.join()
+            wait_for(lambda: _last_used(holder) > 0, "the HEAD's use, written after the lock")
         finally:
             holder.close()
+
+
+def _last_used(conn: pymysql.connections.Connection) -> float:
+    with conn.cursor() as cursor:
+        cursor.execute("SELECT last_used_at FROM carts WHERE uid = 'c'")
+        (used,) = cursor.fetchone()
+    return float(used)
