@@ -32,7 +32,7 @@ from archive_server import ArchiveServer
 from cartd import bundle, zipbundle
 from cartd.app import create_app
 from cartd.bundle import Format, Generated, StagedFile
-from cartd.checksums import Hasher
+from cartd.checksums import Hasher, file_extras
 from cartd.db import store
 from conftest import (
     DATABASES,
@@ -600,6 +600,15 @@ def test_a_big_file_is_hashed_once_while_staging() -> None:
         sums = hasher.result()
         assert sums.requested == hashlib.new(hashtype, data).hexdigest()
         assert (sums.sha256, sums.crc32) == (sha256, None)
+
+
+def test_late_extras_reuse_a_known_sha256(tmp_path: Path) -> None:
+    """A client's sha256 digest is taken as it is: only the CRC-32 is computed."""
+    data = os.urandom(5000)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    assert file_extras(path) == (zlib.crc32(data), hashlib.sha256(data).hexdigest())
+    assert file_extras(path, "given") == (zlib.crc32(data), "given")
 
 
 async def test_late_checksums_skip_rows_deleted_meanwhile(db_url: str) -> None:

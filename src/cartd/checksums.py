@@ -53,21 +53,23 @@ class Hasher:
         return parts
 
     def _update_crc(self, chunk: bytes) -> None:
-        self._crc = zlib.crc32(chunk, self._crc or 0)
+        self._crc = zlib.crc32(chunk, self._crc or 0)  # only a part while _crc is an int
 
     def result(self) -> Checksums:
         sha256 = None if self._sha256 is None else str(self._sha256.hexdigest())
         return Checksums(self._requested.hexdigest(), sha256, self._crc)
 
 
-def file_extras(path: Path) -> tuple[int, str]:
+def file_extras(path: Path, sha256: str | None = None) -> tuple[int, str]:
     """(CRC-32, SHA-256) of a staged file that lacks them: staged big, or before schema 0003.
 
-    Blocking: run it in a worker thread.
+    A SHA-256 already known (a client that sent sha256 digests) is not computed again: it
+    is the dearer of the two.  Blocking: run it in a worker thread.
     """
-    crc, sha256 = 0, hashlib.sha256()
+    crc, digest = 0, None if sha256 else hashlib.sha256()
     with path.open("rb") as handle:
         while chunk := handle.read(READ_CHUNK):
             crc = zlib.crc32(chunk, crc)
-            sha256.update(chunk)
-    return crc, sha256.hexdigest()
+            if digest is not None:
+                digest.update(chunk)
+    return crc, sha256 or (digest.hexdigest() if digest is not None else "")

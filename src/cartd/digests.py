@@ -28,7 +28,7 @@ class DigestBackfill:
     def __init__(self, sessions: SessionFactory, volume: Volume) -> None:
         self.sessions = sessions
         self.volume = volume
-        self._queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[int, int, str | None]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -39,26 +39,22 @@ class DigestBackfill:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def add(self, cart_id: int, file_id: int) -> None:
-        """A staged file whose SHA-256 or CRC-32 is not recorded yet."""
-        self._queue.put_nowait((cart_id, file_id))
-
-    @property
-    def pending(self) -> int:
-        return self._queue.qsize()
+    def add(self, cart_id: int, file_id: int, sha256: str | None) -> None:
+        """A staged file whose CRC-32 (and SHA-256, unless given) is not recorded yet."""
+        self._queue.put_nowait((cart_id, file_id, sha256))
 
     async def _run(self) -> None:
         while True:
-            cart_id, file_id = await self._queue.get()
+            cart_id, file_id, sha256 = await self._queue.get()
             try:
-                await self._fill(cart_id, file_id)
+                await self._fill(cart_id, file_id, sha256)
             except Exception:  # the loop must outlive any one file
                 log.exception("computing the digests of file row %d failed", file_id)
 
-    async def _fill(self, cart_id: int, file_id: int) -> None:
+    async def _fill(self, cart_id: int, file_id: int, sha256: str | None) -> None:
         path = self.volume.file_path(cart_id, file_id)
         try:
-            extras = await asyncio.to_thread(file_extras, path)
+            extras = await asyncio.to_thread(file_extras, path, sha256)
         except FileNotFoundError:  # deleted or evicted since: nothing left to describe
             return
         try:

@@ -104,7 +104,7 @@ async def _late_checksums(
 ) -> dict[int, tuple[int, str]]:
     """(CRC-32, SHA-256) by file id of the files that lack one this bundle needs."""
     todo = [
-        (row.id, volume.file_path(cart_id, row.id))
+        (row.id, volume.file_path(cart_id, row.id), _known_sha256(row))
         for row in rows
         if (crc and row.crc32 is None) or (sha256 and _known_sha256(row) is None)
     ]
@@ -119,5 +119,5 @@ async def _late_checksums(
     return found
 
 
-def _hash_all(todo: list[tuple[int, Path]]) -> dict[int, tuple[int, str]]:
-    return {file_id: file_extras(path) for file_id, path in todo}
+def _hash_all(todo: list[tuple[int, Path, str | None]]) -> dict[int, tuple[int, str]]:
+    return {file_id: file_extras(path, sha256) for file_id, path, sha256 in todo}

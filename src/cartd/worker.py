@@ -292,7 +292,7 @@ class Worker:
         staging_done = lambda: self._commits.run_together(store.files_staged, outcome)  # noqa: E731
         finished = await self._settle(staging_done)
         if sums.crc32 is None or sums.sha256 is None:
-            self.digests.add(job.cart_id, job.file_id)
+            self.digests.add(job.cart_id, job.file_id, sums.sha256)
         if finished:
             self.stager.cache.cart_finished(job.cart_id)
             log.info("cart %s is ready", job.cart_uid)
