@@ -174,7 +174,7 @@ async def test_progress_writes_never_overwrite_an_outcome(db_url: str) -> None:
         async with sessions.begin() as session:
             done, flowing = await store.claim_files(session, 2, store.Lease("test", 60.0))
         async with sessions.begin() as session:
-            await store.file_staged(session, done, 100, 0.0)
+            await store.files_staged(session, [store.StagedFile(done, 100, 0.0, None, None)])
         async with sessions.begin() as session:
             queued = (await store.cart_files(session, cart.id))[2]
             written = {done.file_id: 40, flowing.file_id: 50, queued.id: 60}

@@ -234,11 +234,6 @@ async def expired_carts(session: AsyncSession, now: float) -> list[tuple[int, st
 TOUCH_GRANULARITY = 1.0
 
 
-def touch_due(last_used_at: float, now: float) -> bool:
-    """Whether `touch` would write; lets a reader skip the write transaction altogether."""
-    return last_used_at < now - TOUCH_GRANULARITY
-
-
 async def touch(session: AsyncSession, cart_id: int) -> None:
     """Record use for LRU; at most one write a second per cart, however hard clients poll."""
     now = time.time()
@@ -554,18 +549,6 @@ async def record_progress(session: AsyncSession, written: Mapping[int, int]) -> 
         await session.execute(_PROGRESS, rows)
 
 
-async def _lock_cart(session: AsyncSession, cart_id: int) -> bool:
-    """Serialise a cart's completion checks; returns whether the cart allows partial results.
-
-    Without the row lock, two files finishing at once under READ COMMITTED each see the
-    other still `staging`, neither marks the cart ready, and it is stuck forever.
-    """
-    result = await session.execute(
-        select(Cart.allow_partial).where(Cart.id == cart_id).with_for_update()
-    )
-    return bool(result.scalar())
-
-
 @dataclass(frozen=True)
 class StagedFile:
     """A verified file's outcome, waiting for the group commit that records it."""
@@ -594,18 +577,6 @@ _STAGED = (
         reserved=None,
     )
 )
-
-
-async def file_staged(
-    session: AsyncSession,
-    job: FileJob,
-    size: int,
-    mtime: float,
-    crc32: int | None = None,
-    sha256: str | None = None,
-) -> bool:
-    """Record a verified file; returns True when that finished its cart (made it ready)."""
-    return (await files_staged(session, [StagedFile(job, size, mtime, crc32, sha256)]))[0]
 
 
 async def files_staged(session: AsyncSession, outcomes: Sequence[StagedFile]) -> list[bool]:
@@ -642,7 +613,12 @@ def _staged_row(outcome: StagedFile, now: float) -> dict[str, Any]:
 
 
 async def _lock_carts(session: AsyncSession, cart_ids: Sequence[int]) -> set[int]:
-    """`_lock_cart` for several carts at once; returns those that allow partial results."""
+    """Serialise carts' completion checks; returns those that allow partial results.
+
+    Without the row lock, two files finishing at once under READ COMMITTED each see the
+    other still `staging`, neither marks the cart ready, and it is stuck forever.  Carts
+    are locked in id order, so two transactions never wait for each other's carts.
+    """
     result = await session.execute(
         select(Cart.id, Cart.allow_partial)
         .where(Cart.id.in_(cart_ids))
@@ -681,7 +657,7 @@ async def file_failed(session: AsyncSession, job: FileJob, error: str) -> bool:
     """
     now = time.time()
     error = error if len(error) <= MAX_ERROR_CHARS else error[:MAX_ERROR_CHARS] + "..."
-    partial = await _lock_cart(session, job.cart_id)
+    partial = job.cart_id in await _lock_carts(session, [job.cart_id])
     await session.execute(
         _update(CartFile)
         .where(CartFile.id == job.file_id)
