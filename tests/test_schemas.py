@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from cartd import carts
 from cartd.carts import HASH_SLICE, InvalidCart, fingerprint, parse_cart
 from cartd.carts import _describe as describe
 from cartd.schemas import (
@@ -325,6 +326,18 @@ def test_parse_cart_too_many_files() -> None:
     items = [item(str(i), f"f{i}") for i in range(4)]
     assert refusal(cart(*items), max_files=3) == "cart has 4 files; the maximum is 3"
     assert len(parse_cart(json.dumps(cart(*items[:3])).encode(), 3).fileids) == 3
+
+
+def test_a_valid_body_is_decoded_once_into_tuples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory-saving path takes every valid body, even one over the file limit."""
+
+    def whole_document(*args: object) -> None:
+        raise AssertionError("the body was decoded a second time, as a whole document")
+
+    monkeypatch.setattr(carts, "_decode", whole_document)
+    items = [item(str(i), f"f{i}") for i in range(4)]
+    assert len(parse_cart(json.dumps(cart(*items[:3])).encode(), 3).fileids) == 3
+    assert refusal(cart(*items), max_files=3) == "cart has 4 files; the maximum is 3"
 
 
 def test_parse_cart_missing_fileids() -> None:

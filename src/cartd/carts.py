@@ -80,14 +80,19 @@ def parse_cart(body: bytes | bytearray, max_files: int) -> NewCart:
     refuses is decided and explained by the whole model from a plain decode, as before.
     """
     cart = _compact(body)
-    if cart is not None and len(cart.fileids) <= max_files:
+    if cart is not None:
+        _check_count(len(cart.fileids), max_files)  # not worth a second decode to say so
         return cart
-    del cart
     document = _decode(body, max_files)
     try:
         return NewCart.of(CartRequest.model_validate(document))
     except ValidationError as exc:
         raise InvalidCart(_describe(exc)) from None
+
+
+def _check_count(count: int, max_files: int) -> None:
+    if count > max_files:
+        raise InvalidCart(f"cart has {count} files; the maximum is {max_files}")
 
 
 def _decode(body: bytes | bytearray, max_files: int) -> dict[str, Any]:
@@ -98,8 +103,8 @@ def _decode(body: bytes | bytearray, max_files: int) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise InvalidCart('request body must be a JSON object with a "fileids" list')
     fileids = document.get("fileids")
-    if isinstance(fileids, list) and len(fileids) > max_files:
-        raise InvalidCart(f"cart has {len(fileids)} files; the maximum is {max_files}")
+    if isinstance(fileids, list):
+        _check_count(len(fileids), max_files)
     return document
 
 
