@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from archive_server import ArchiveServer
+from cartd import carts
 from cartd.db.store import CartBrief
 from cartd.status_cache import HeadAnswer, StatusCache
 from conftest import MakeService, Service, entry, sync_url
@@ -156,15 +157,20 @@ def _head(service: Service, uid: str) -> tuple[int, dict[str, str]]:
 
 
 def test_a_kept_answer_is_the_routes_answer_logged_and_counted_alike(
-    make_service: MakeService, archive: ArchiveServer
+    make_service: MakeService, archive: ArchiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The second HEAD of each cart comes from the kept answer (api.fast_head)."""
     service = make_service(head_cache_ttl=FOREVER)
     ready_cart(service, archive, "here", 1000)
     archive.add_file("slow", b"on tape", tape_delay=FOREVER)
     assert service.post("slow", [entry("slow", "s.bin", b"on tape")]).status_code == 201
-    for uid in ("here", "slow", "nowhere"):
-        first = _head(service, uid)
+    firsts = {uid: _head(service, uid) for uid in ("here", "slow", "nowhere")}
+
+    def route_reached(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a kept answer went through the route")
+
+    monkeypatch.setattr(carts, "head_status", route_reached)  # the route would answer 500
+    for uid, first in firsts.items():
         assert _head(service, uid) == first
     assert _head(service, "slow")[1]["retry-after"] == "5"
     metrics = service.client.get("/metrics").text

@@ -44,8 +44,8 @@ class KeptHead:
             return None
         app = scope["app"]
         runtime = getattr(app.state, "runtime", None)
-        if runtime is None:
-            return None
+        if runtime is None or runtime.answers.ttl <= 0:
+            return None  # nothing can be kept: do not identify the caller twice
         try:
             owner = app.state.authenticator.identify(Request(scope))
         except HTTPException:
