@@ -164,3 +164,5 @@ class StatusCache:
                 await self.flush(commit)
             except SQLAlchemyError as exc:
                 log.warning("could not record cart use: %s", exc)
+            except Exception:  # the loop must outlive any one failure, as Cache.run does
+                log.exception("recording cart use failed; retrying at the next interval")
