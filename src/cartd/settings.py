@@ -115,7 +115,7 @@ class Settings(BaseSettings):
     progress_interval: float = Field(2.0, gt=0, validation_alias=_aliases("PROGRESS_INTERVAL"))
     # HEAD answers are kept this long (0: never); other replicas' changes show after it.
     head_cache_ttl: float = Field(
-        1.0, ge=0, validation_alias=_aliases("HEAD_CACHE_TTL", "HEAD_CACHE_TTL")
+        1.0, ge=0, validation_alias=_aliases("HEAD_CACHE_TTL")
     )
     events_poll_interval: float = Field(
         0.5, gt=0, validation_alias=_aliases("EVENTS_POLL_INTERVAL")
