@@ -35,7 +35,7 @@ class FakeStager:
 
     def __init__(self) -> None:
         self.settings = SimpleNamespace(transfer_size=1 << 20)
-        self.cache = SimpleNamespace(forget_cart=lambda cart_id: None)
+        self.cache = SimpleNamespace(cart_finished=lambda cart_id: None)
         self.volume = SimpleNamespace(shared=False, streaming_carts=list)
         self.quick = 0  # this many more fetches end at once
         self.gate = asyncio.Event()
