@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from archive_server import ArchiveServer
-from cartd import carts
+from cartd import carts, status_cache
 from cartd.db.store import CartBrief
 from cartd.status_cache import HeadAnswer, StatusCache
 from conftest import MakeService, Service, entry, sync_url
@@ -218,3 +219,23 @@ def test_a_failed_shared_read_fails_every_poll_that_waited_for_it() -> None:
 
     outcomes = asyncio.run(scenario())
     assert all(isinstance(o, sa.exc.OperationalError) for o in outcomes)
+
+
+def test_kept_answers_expire_in_order_and_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each put drops the expired answers at the front; beyond the cap it starts afresh."""
+    clock = [0.0]
+    monkeypatch.setattr(status_cache, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(status_cache, "MAX_ANSWERS", 3)
+    cache = StatusCache(1.0)
+    answer = HeadAnswer(BRIEF, 0)
+    for uid in ("a", "b"):
+        cache.put("", uid, answer, cache.generation)
+    clock[0] = 0.5
+    cache.put("", "a", answer, cache.generation)  # kept again: now the newest
+    clock[0] = 1.2
+    cache.put("", "c", answer, cache.generation)  # "b" expired at 1.0 and goes
+    assert len(cache._answers) == 2  # dropped, not merely hidden by `get`
+    assert [cache.get("", uid) for uid in ("a", "b", "c")] == [answer, None, answer]
+    cache.put("", "d", answer, cache.generation)
+    cache.put("", "e", answer, cache.generation)  # a fourth live answer: over the cap
+    assert [cache.get("", uid) for uid in ("a", "c", "d", "e")] == [None, None, None, answer]

@@ -71,10 +71,11 @@ class StatusCache:
         if self.ttl <= 0 or generation != self._generation:
             return
         now = time.monotonic()
+        self._answers.pop((owner, uid), None)  # to the end: the dict stays in expiry order
+        while self._answers and next(iter(self._answers.values()))[0] <= now:
+            del self._answers[next(iter(self._answers))]  # the oldest, which expired
         if len(self._answers) >= MAX_ANSWERS:
-            self._answers = {k: v for k, v in self._answers.items() if v[0] > now}
-            if len(self._answers) >= MAX_ANSWERS:
-                self._answers.clear()
+            self._answers.clear()  # too many carts polled within one TTL: start afresh
         self._answers[(owner, uid)] = (now + self.ttl, answer)
 
     async def load(
