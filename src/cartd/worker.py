@@ -269,16 +269,17 @@ class Worker:
         logs.bind(cart_id=job.cart_uid, file=job.archive_id)  # this task's log lines only
         try:
             info = await self.stager.bring_online(job)
-            if info.size > self.stager.settings.transfer_size:  # worth showing progress for
+            # A one-chunk file spends most of its time on fsyncs and its outcome write:
+            # it hands its slot on once verified.  A bigger one keeps it to the end, so
+            # the status never shows more files staging than the concurrency meanwhile,
+            # and its size is recorded first, to show its progress against.
+            small = info.size <= self.stager.settings.transfer_size
+            if not small:
                 await self._settle(
                     lambda: self._commits.run(
                         lambda s: store.record_size(s, job.file_id, info.size, info.mtime)
                     )
                 )
-            # A one-chunk file spends most of its time on fsyncs and its outcome write:
-            # it hands its slot on once verified.  A bigger one keeps it to the end, so
-            # the status never shows more files staging than the concurrency meanwhile.
-            small = info.size <= self.stager.settings.transfer_size
             staged = await self.stager.fetch(job, info, self._verified if small else _nothing)
         except ArchiveFileError as exc:
             await self._record_failure(job, str(exc))
