@@ -188,7 +188,7 @@ async def create_cart(
     ttl: float | None = None,
     *,
     owner: str,
-    answers: StatusCache | None = None,
+    answers: StatusCache,
 ) -> Created:
     """Insert a cart, or accept an identical retry; a different list for a live id conflicts.
 
@@ -219,8 +219,7 @@ async def create_cart(
         async with sessions.begin() as session:
             existing = await store.active_cart(session, owner, uid)
     if new_id is not None:
-        if answers is not None:
-            answers.invalidate()  # committed: a HEAD from now on reads the new cart
+        answers.invalidate()  # committed: a HEAD from now on reads the new cart
         return Created(new_id, new=True)
     if existing is None or existing.fingerprint != digest:
         raise CartConflict(f"cart {uid} already exists with a different file list or options")
@@ -369,7 +368,7 @@ async def delete_cart(
     uid: str,
     *,
     owner: str,
-    answers: StatusCache | None = None,
+    answers: StatusCache,
 ) -> None:
     """Mark deleted first (the truth), then stop its fetches and free its files."""
     async with sessions.begin() as session:
@@ -380,8 +379,7 @@ async def delete_cart(
         # Read after the UPDATE: a download starting elsewhere either held the cart before
         # it (seen here) or finds it deleted (its hold_cart matches no row).
         held = volume.shared and await store.is_held(session, cart.id, time.time())
-    if answers is not None:
-        answers.invalidate()  # committed: a HEAD from now on answers 404
+    answers.invalidate()  # committed: a HEAD from now on answers 404
     await worker.cancel_cart(cart.id)  # other replicas' fetches stop at their next renewal
     if not held or volume.is_streaming(cart.id):
         await volume.remove_cart(cart.id)  # else the sweep removes it once the hold lapses
