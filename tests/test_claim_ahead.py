@@ -114,6 +114,26 @@ async def test_quick_fetches_claim_ahead_leased_renewed_and_dropped_with_their_c
             await worker.stop()
 
 
+async def test_a_stop_gives_back_the_jobs_claimed_ahead(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other replicas need not wait a whole lease for jobs this one never started."""
+    monkeypatch.setattr(worker_module, "AHEAD_WINDOW_SECONDS", 3600.0)
+    async with store_sessions(db_url) as sessions:
+        stager = FakeStager()
+        stager.quick = 6
+        await new_cart(sessions, "stop", 40)
+        worker = Worker(sessions, cast(Stager, stager), 2, LEASE, renew_interval=3600)
+        worker.start()
+        try:
+            await until(lambda: _started(stager, 6 + 2), "the quick fetches")
+            await until(lambda: _more_than(sessions, 2), "the ahead claim")
+        finally:
+            await worker.stop()
+        running = {job.file_id for job in stager.started[6:]}
+        assert set(await leases(sessions)) == running  # interrupted: requeued at the next start
+
+
 async def test_slow_fetches_claim_nothing_ahead(db_url: str) -> None:
     async with store_sessions(db_url) as sessions:
         stager = FakeStager()

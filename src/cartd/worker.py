@@ -98,6 +98,7 @@ class Worker:
         (or the next start of a single replica) and are then fetched again."""
         loops = [t for t in (self._loop_task, self._lease_task) if t is not None]
         tasks = [*self._tasks, *loops]
+        unstarted = [job.file_id for job in self._ahead]
         self._ahead.clear()
         for task in tasks:
             task.cancel()
@@ -105,6 +106,10 @@ class Worker:
         self._tasks.clear()
         self._fetching.clear()
         await self.digests.stop()
+        try:
+            await self._commits.run(lambda s: store.give_back(s, unstarted, self.lease))
+        except SQLAlchemyError as exc:  # they lapse within a lease instead
+            log.warning("could not give back %d unstarted job(s): %s", len(unstarted), exc)
         await self._commits.drain()
 
     @property

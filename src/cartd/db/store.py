@@ -452,6 +452,16 @@ async def requeue_expired(session: AsyncSession, dead: Sequence[str] = ()) -> in
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
+async def give_back(session: AsyncSession, file_ids: Sequence[int], lease: Lease) -> None:
+    """Leases this replica took but will not use (jobs claimed ahead, at a stop) go back
+    to `waiting` now, rather than when they lapse: other replicas may fetch them at once."""
+    if file_ids:
+        mine = and_(CartFile.lease_owner == lease.owner, CartFile.state == FileState.STAGING)
+        await session.execute(
+            _update(CartFile).where(CartFile.id.in_(file_ids), mine).values(_requeued(time.time()))
+        )
+
+
 def _requeued(now: float) -> dict[str, Any]:
     return {
         "state": FileState.WAITING,
