@@ -320,10 +320,11 @@ class _Handler(BaseHTTPRequestHandler):
         if self.archive.is_down():
             self._no_answer()
             return
-        try:
-            self._route(verb, raw, query)
-        except _RouteError as err:
-            self._error(err.code, err.message, err.detail)
+        with self.archive.answering():
+            try:
+                self._route(verb, raw, query)
+            except _RouteError as err:
+                self._error(err.code, err.message, err.detail)
 
     def _route(self, verb: str, raw: str, query: str) -> None:
         """Validate like CherryPy does, then apply any fault, then serve."""
@@ -636,6 +637,8 @@ class ArchiveServer:
         self._down = False
         self._chaos: _Chaos | None = None
         self.injected: Counter[tuple[str, str]] = Counter()
+        self.peak_in_flight = 0  # the most requests it was answering at once
+        self._in_flight = 0
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -675,6 +678,18 @@ class ArchiveServer:
         httpd.server_close()
         if thread is not None:
             thread.join(timeout=5)
+
+    @contextlib.contextmanager
+    def answering(self) -> Iterator[None]:
+        """Count a request while it is answered, for `peak_in_flight`."""
+        with self._lock:
+            self._in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
 
     def __enter__(self) -> ArchiveServer:
         """Start on entry so ``with ArchiveServer(tmp) as archive`` just works."""

@@ -447,6 +447,22 @@ def test_waiting_for_an_archive_slot_is_not_a_fault(
     assert service.wait_settled("queued", timeout=60) == (204, "ready", "")
 
 
+def test_the_archive_never_answers_more_requests_at_once_than_allowed(
+    make_service: Callable[..., Service], archive: ArchiveServer
+) -> None:
+    """ARCHIVE_CONCURRENCY bounds what the archive sees at once, whatever the fetch
+    concurrency (the reference server truncates concurrent GETs); and it is used."""
+    service = make_service(archive_concurrency=2, fetch_concurrency=8)
+    archive.get_chunk_delay = 0.1  # each 2 MiB GET takes about 0.2 s: they overlap
+    files = {f"b{n}": os.urandom(2 * MiB) for n in range(10)}
+    for file_id, data in files.items():
+        archive.add_file(file_id, data)
+    cart = [entry(file_id, f"{file_id}.bin", data) for file_id, data in files.items()]
+    assert service.post("bounded", cart).status_code == 201
+    assert service.wait_settled("bounded", timeout=60) == (204, "ready", "")
+    assert archive.peak_in_flight == 2
+
+
 def test_a_failed_file_cancels_its_siblings_in_flight(
     make_service: Callable[..., Service], archive: ArchiveServer, get_gauge: InFlight
 ) -> None:

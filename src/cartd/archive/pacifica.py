@@ -82,23 +82,18 @@ def parse_status(headers: httpx.Headers, file_id: str) -> FileInfo:
 class PacificaArchive:
     def __init__(self, base_url: str, settings: Settings) -> None:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
-        # Requests queue for one of `archive_concurrency` slots (the reference server corrupts
-        # concurrent GETs, so sites running it set 1).  Waiting for a slot is not a fault,
-        # so it happens here, outside httpx's pool timeout and the worker's retry budget.
-        self._slots = asyncio.Semaphore(settings.archive_concurrency)
         timeout = httpx.Timeout(
             settings.archive_read_timeout, connect=settings.archive_connect_timeout, pool=None
         )
-        limits = httpx.Limits(max_connections=settings.archive_concurrency)
-        self.client = httpx.AsyncClient(timeout=timeout, limits=limits)
+        self._lanes = _Lanes(settings.archive_concurrency, timeout)
 
     def _url(self, file_id: str) -> str:
         return self.base_url + quote(file_id, safe="")
 
     async def _request(self, verb: str, file_id: str) -> httpx.Response:
         try:
-            async with self._slots:
-                response = await self.client.request(verb, self._url(file_id))
+            async with self._lanes.take() as client:
+                response = await client.request(verb, self._url(file_id))
         except httpx.TransportError as exc:
             raise TransientArchiveError(f"archive unreachable: {exc!r}") from exc
         _check(response, file_id, verb)
@@ -113,14 +108,16 @@ class PacificaArchive:
 
     @asynccontextmanager
     async def open(self, file_id: str) -> AsyncIterator[AsyncIterator[bytes]]:
-        async with self._slots, self._get(file_id) as chunks:
+        async with self._lanes.take() as client, self._get(client, file_id) as chunks:
             yield chunks
 
     @asynccontextmanager
-    async def _get(self, file_id: str) -> AsyncIterator[AsyncIterator[bytes]]:
-        request = self.client.build_request("GET", self._url(file_id))
+    async def _get(
+        self, client: httpx.AsyncClient, file_id: str
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        request = client.build_request("GET", self._url(file_id))
         try:
-            response = await self.client.send(request, stream=True)
+            response = await client.send(request, stream=True)
         except httpx.TransportError as exc:
             raise TransientArchiveError(f"archive unreachable: {exc!r}") from exc
         try:
@@ -144,4 +141,36 @@ class PacificaArchive:
             raise TransientArchiveError(f"archive connection lost mid-file: {exc!r}") from exc
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self._lanes.aclose()
+
+
+class _Lanes:
+    """`archive_concurrency` clients of one connection each; a request takes a free one.
+
+    Requests queue here for a lane (the reference server corrupts concurrent GETs, so sites
+    running it set 1).  Waiting for a lane is not a fault, so it happens outside httpx's
+    pool timeout and the worker's retry budget.  One shared client with a pool of that many
+    connections did the same, but httpcore's pool checks every connection of the pool for
+    every request it assigns (a socket poll each): with 8 connections, that was a quarter
+    of the client's CPU for small files.  A lane's pool has one connection and one request.
+    The last lane given back is the next taken, so a quiet spell keeps few connections warm.
+    """
+
+    def __init__(self, count: int, timeout: httpx.Timeout) -> None:
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        self._all = [httpx.AsyncClient(timeout=timeout, limits=limits) for _ in range(count)]
+        self._free: asyncio.LifoQueue[httpx.AsyncClient] = asyncio.LifoQueue()
+        for client in self._all:
+            self._free.put_nowait(client)
+
+    @asynccontextmanager
+    async def take(self) -> AsyncIterator[httpx.AsyncClient]:
+        client = await self._free.get()
+        try:
+            yield client
+        finally:
+            self._free.put_nowait(client)
+
+    async def aclose(self) -> None:
+        for client in self._all:
+            await client.aclose()
