@@ -1,12 +1,17 @@
-"""Unit tests of the archive-interface client's parsing, on real httpx objects."""
+"""Unit tests of the archive-interface client: its parsing on real httpx objects, and its
+requests against the test archive."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import httpx
 import pytest
 
+from archive_server import ArchiveServer
 from cartd.archive import ArchiveFileError, Media, TransientArchiveError
-from cartd.archive.pacifica import _check, parse_mtime, parse_status
+from cartd.archive.pacifica import PacificaArchive, _check, parse_mtime, parse_status
+from cartd.settings import Settings
 
 
 def test_float_epoch_and_http_date_mtimes() -> None:
@@ -56,3 +61,24 @@ def test_huge_archive_error_message_is_cut_short() -> None:
     with pytest.raises(ArchiveFileError) as raised:
         _check(response, "f", "POST")
     assert len(str(raised.value)) < 1000
+
+
+async def test_an_archive_that_stops_answering_times_out_and_frees_its_lane(
+    tmp_path: Path,
+) -> None:
+    """Requests go to httpx's transport, not a client, so the read timeout is passed by
+    cartd itself: without it, a hung archive would hold the only lane forever."""
+    with ArchiveServer(tmp_path) as archive:
+        archive.add_file("f", b"four")
+        archive.inject("HEAD", "hang", file_id="f")
+        settings = Settings(archive_read_timeout=0.5, archive_concurrency=1)
+        client = PacificaArchive(archive.url, settings)
+        try:
+            with pytest.raises(TransientArchiveError, match="ReadTimeout"):
+                await client.status("f")
+            assert (await client.status("f")).size == 4
+            async with client.open("f") as chunks:
+                assert b"".join([chunk async for chunk in chunks]) == b"four"
+        finally:
+            await client.aclose()
+    assert archive.count("HEAD", "f") == 2
