@@ -16,6 +16,7 @@ class Sizes:
     repeat: int = 3  # download runs; the best counts
     small_size: int = 4096
     staging: tuple[int, ...] = (1000, 10_000)  # small-file carts, against the bare loop
+    staging_repeat: int = 3  # runs a side, alternating; the medians make the ratio
     archives: tuple[str, ...] = ("test", "reference")
     databases: tuple[str, ...] = ("sqlite", "mariadb")
     linearity: tuple[int, ...] = (1000, 10_000)  # add 100000 with --linearity (slow)
@@ -43,6 +44,7 @@ SMOKE = replace(
     concurrent=2,
     repeat=1,
     staging=(20,),
+    staging_repeat=1,
     databases=("sqlite",),  # MariaDB differs only in the URL; the smoke test covers the harness
     linearity=(20,),
     huge_size=8 * MiB,

@@ -11,7 +11,10 @@ The archive is tests/archive_server.py ("test") or pacifica-archiveinterface 0.4
 thread pool of 1 ("reference", from .venv-archive).  Alone, for one size:
 
     .venv/bin/python bench/staging.py --files 1000 [--archive reference]
-                                      [--database mariadb] [--out FILE]
+                                      [--database mariadb] [--repeat 3] [--out FILE]
+
+On a shared machine one run a side swings by a third; `--repeat` runs each side that
+many times, alternating which goes first, and the ratio is of the medians.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import asyncio
 import hashlib
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +31,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from harness import FileIds, archive, cartd, fresh_database, stage, write_files
+from harness import Cartd, FileIds, archive, cartd, fresh_database, stage, write_files
 from report import emit
 
 TARGET = 1.2
@@ -68,9 +72,16 @@ def bare(base: str, cart: FileIds, work: Path) -> float:
 
 
 def matrix(
-    work: Path, root: Path, small: FileIds, kind: str, db_kind: str, counts: tuple[int, ...]
+    work: Path,
+    root: Path,
+    small: FileIds,
+    kind: str,
+    db_kind: str,
+    counts: tuple[int, ...],
+    repeat: int = 1,
 ) -> list[dict[str, Any]]:
-    """Every size against one archive and database, each back to back with its reference."""
+    """Every size against one archive and database, each `repeat` times back to back with
+    its reference; the medians make the ratio."""
     rows = []
     with (
         archive(kind, root) as base,
@@ -78,9 +89,8 @@ def matrix(
         cartd(db, work, base, fetch_concurrency=str(CONCURRENCY)) as service,
     ):
         for count in counts:
-            cart = small[:count]
-            reference = bare(base, cart, work)
-            took = stage(service, f"small-{count}", cart)
+            references, tooks = interleaved(base, service, small[:count], work, repeat)
+            reference, took = statistics.median(references), statistics.median(tooks)
             ratio = took / reference
             rows.append(
                 {
@@ -90,11 +100,30 @@ def matrix(
                     "reference_s": round(reference, 2),
                     "cartd_s": round(took, 2),
                     "ratio": round(ratio, 2),
+                    "runs": repeat,
+                    "reference_runs_s": [round(t, 2) for t in references],
+                    "cartd_runs_s": [round(t, 2) for t in tooks],
                     "target": f"<= {TARGET} x reference",
                     "met": ratio <= TARGET,
                 }
             )
     return rows
+
+
+def interleaved(
+    base: str, service: Cartd, cart: FileIds, work: Path, repeat: int
+) -> tuple[list[float], list[float]]:
+    """Seconds of the bare loop and of cartd, `repeat` each, alternating which goes first
+    so that neither side always meets the machine in the same state."""
+    references: list[float] = []
+    tooks: list[float] = []
+    for run in range(repeat):
+        for side in ("bare", "cartd") if run % 2 == 0 else ("cartd", "bare"):
+            if side == "bare":
+                references.append(bare(base, cart, work))
+            else:
+                tooks.append(stage(service, f"small-{len(cart)}-{run}", cart))
+    return references, tooks
 
 
 def linearity(work: Path, root: Path, small: FileIds, counts: tuple[int, ...]) -> dict[str, float]:
@@ -116,12 +145,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--archive", choices=["test", "reference"], default="test")
     parser.add_argument("--database", choices=["sqlite", "mariadb"], default="sqlite")
+    parser.add_argument("--repeat", type=int, default=3, help="runs a side; medians count")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cartd-staging-") as tmp:
         work = Path(tmp)
         small = write_files(work / "archive", "s", args.files, args.size)
-        rows = matrix(work, work / "archive", small, args.archive, args.database, (args.files,))
+        rows = matrix(
+            work, work / "archive", small, args.archive, args.database, (args.files,), args.repeat
+        )
     emit({"benchmark": "staging_small_files", "size": args.size, **rows[0]}, args.out)
 
 

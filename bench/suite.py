@@ -62,7 +62,9 @@ def run_staging(work: Path, files: Files, sizes: Sizes) -> dict[str, Any]:
     rows = []
     for kind in sizes.archives:
         for db_kind in sizes.databases:
-            rows += staging.matrix(work, files.root, files.small, kind, db_kind, sizes.staging)
+            rows += staging.matrix(
+                work, files.root, files.small, kind, db_kind, sizes.staging, sizes.staging_repeat
+            )
     measured = {
         r["files"]: r["cartd_s"]
         for r in rows
