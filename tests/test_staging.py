@@ -7,6 +7,7 @@ in the tar, how many requests the archive saw, and what is left in the volume.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import math
@@ -343,6 +344,45 @@ def test_fetch_concurrency_bounds_concurrent_gets(
     assert service.wait_settled("c") == (204, "ready", "")
     assert get_gauge.peak == 2, f"archive saw at most {get_gauge.peak} GETs at once"
     assert contents(service, "c") == {f"{name}.bin": data for name, data in blobs.items()}
+
+
+def test_a_verified_file_that_cannot_be_made_durable_fails_its_cart_alone(
+    make_service: Callable[..., Service],
+    archive: ArchiveServer,
+    get_gauge: InFlight,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A small file hands its fetch slot on once verified, before its fsync and rename.
+    If those then fail (here the disk answers EIO once), its cart must still end in error
+    rather than wait forever, and the slot must not be handed on twice or lost: the next
+    cart stages with the full concurrency."""
+    real_commit = staging.commit_file
+    failures = [OSError(errno.EIO, "Input/output error")]
+
+    def commit_once_failing(part: Path, final: Path, mtime: float) -> None:
+        if failures:
+            raise failures.pop()
+        real_commit(part, final, mtime)
+
+    monkeypatch.setattr(staging, "commit_file", commit_once_failing)
+    service = make_service(fetch_concurrency=2)
+    archive.add_file("lost", b"never durable")
+    assert service.post("doomed", [entry("lost", "l.txt", b"never durable")]).status_code == 201
+    code, status, message = service.wait_settled("doomed")
+    assert (code, status) == (500, "error")
+    assert message.startswith("Failed to pull file(")
+    assert "Input/output error" in message
+
+    archive.get_chunk_delay = 0.2  # one chunk each: every GET lasts about 0.2 s
+    blobs = {f"n{i}": os.urandom(1000) for i in range(6)}
+    for name, data in blobs.items():
+        archive.add_file(name, data)
+    cart = [entry(name, f"{name}.bin", data) for name, data in blobs.items()]
+    assert service.post("next", cart).status_code == 201
+    assert service.wait_settled("next") == (204, "ready", "")
+    assert get_gauge.peak == 2
+    assert contents(service, "next") == {f"{name}.bin": data for name, data in blobs.items()}
+    assert part_files(service.volume) == []
 
 
 def test_large_file_is_staged_in_many_transfer_chunks(

@@ -113,7 +113,7 @@ class Stager:
             sums = await self._retry(lambda: self._transfer(job, info, part, reservation))
             if sums.requested == job.hashsum.lower():
                 verified()
-                await asyncio.to_thread(commit_file, part, final, info.mtime)
+                await _make_durable(part, final, info.mtime)
                 await self.volume.dir_sync.sync(final.parent)
                 self.metrics.file_staged(info.size)
                 return Staged(size=info.size, mtime=info.mtime, checksums=sums)
@@ -172,6 +172,16 @@ class Stager:
                 if received >= PARALLEL_HASHING:  # megabyte chunks were freed: give them back
                     heap.release_soon()
         return received, hasher.result()
+
+
+async def _make_durable(part: Path, final: Path, mtime: float) -> None:
+    """fsync and rename; a disk that fails them must not leave the verified bytes behind
+    as a stray part file (the file row records the error, and nothing refers to them)."""
+    try:
+        await asyncio.to_thread(commit_file, part, final, mtime)
+    except Exception:
+        part.unlink(missing_ok=True)
+        raise
 
 
 PARALLEL_HASHING = 1 << 20  # a batch at least this big is hashed by several threads
