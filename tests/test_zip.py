@@ -34,6 +34,8 @@ from cartd.app import create_app
 from cartd.bundle import Format, Generated, StagedFile
 from cartd.checksums import Hasher, file_extras
 from cartd.db import store
+from cartd.digests import DigestBackfill
+from cartd.volume import Volume
 from conftest import (
     DATABASES,
     MTIME,
@@ -623,6 +625,24 @@ async def test_late_checksums_skip_rows_deleted_meanwhile(db_url: str) -> None:
         async with sessions.begin() as session:
             first = (await store.cart_files(session, cart.id))[0]
         assert (first.crc32, first.sha256) == (7, "b" * 64)
+
+
+async def test_the_late_pass_skips_files_a_zip_hashed_first(db_url: str, tmp_path: Path) -> None:
+    """A zip asked for right after staging computes a big file's digests itself; the
+    background pass must then not read the whole file again for the same answer."""
+    async with store_sessions(db_url) as sessions:
+        async with sessions.begin() as session:
+            cart = await store.insert_cart(session, "c", "fingerprint", [("f", "f", "sha1", "0")])
+            file_id = (await store.cart_files(session, cart.id))[0].id
+            await store.record_checksums(session, {file_id: (7, "b" * 64)})  # the zip's
+        volume = Volume(tmp_path)
+        path = volume.file_path(cart.id, file_id)
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"other bytes than the zip saw")
+        await DigestBackfill(sessions, volume).fill(cart.id, file_id, None)
+        async with sessions() as session:
+            row = (await store.cart_files(session, cart.id))[0]
+        assert (row.crc32, row.sha256) == (7, "b" * 64)
 
 
 def test_rows_without_checksums_get_them_at_the_first_zip(

@@ -47,11 +47,16 @@ class DigestBackfill:
         while True:
             cart_id, file_id, sha256 = await self._queue.get()
             try:
-                await self._fill(cart_id, file_id, sha256)
+                await self.fill(cart_id, file_id, sha256)
             except Exception:  # the loop must outlive any one file
                 log.exception("computing the digests of file row %d failed", file_id)
 
-    async def _fill(self, cart_id: int, file_id: int, sha256: str | None) -> None:
+    async def fill(self, cart_id: int, file_id: int, sha256: str | None) -> None:
+        """One file's pass, unless a zip or manifest asked for it first and recorded them
+        already: a whole read of a big file saved."""
+        async with self.sessions() as session:
+            if await store.checksums_known(session, file_id):
+                return
         path = self.volume.file_path(cart_id, file_id)
         try:
             extras = await asyncio.to_thread(file_extras, path, sha256)

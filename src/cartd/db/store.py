@@ -748,6 +748,12 @@ _CHECKSUMS = (
 )
 
 
+async def checksums_known(session: AsyncSession, file_id: int) -> bool:
+    """Whether a file's CRC-32 (recorded with its SHA-256) is known already."""
+    result = await session.execute(select(CartFile.crc32).where(CartFile.id == file_id))
+    return result.scalar() is not None
+
+
 async def record_checksums(session: AsyncSession, found: Mapping[int, tuple[int, str]]) -> None:
     """Save (CRC-32, SHA-256) by file id, computed after staging (digests.py, downloads.py).
 
