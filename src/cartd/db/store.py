@@ -594,7 +594,10 @@ async def files_staged(session: AsyncSession, outcomes: Sequence[StagedFile]) ->
 
     A batch costs one lock, one executemany and one completion check per cart, where a
     file at a time cost three statements each: small files finish hundreds per second.
-    Carts are locked in id order, so two replicas' batches cannot deadlock on them.
+    Carts are locked in id order, so two batches of stagings cannot deadlock on them.  A
+    group commit that also holds a failure (`file_failed`, cart lock first) or a claim can
+    still meet another replica's in the other order; MariaDB then picks a victim, and the
+    group commit retries each operation alone.
     """
     if not outcomes:
         return []
