@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from cartd import worker as worker_module
 from cartd.archive import FileInfo, Media
+from cartd.cache import Claim
 from cartd.checksums import Checksums
 from cartd.db import store
 from cartd.db.models import CartFile
@@ -30,12 +31,26 @@ from conftest import store_sessions
 LEASE = Lease("test-owner", 60.0)
 
 
+class SoleCache:
+    """A one-replica volume's cache as the worker sees it: claims promise no space."""
+
+    def __init__(self, sessions: SessionFactory) -> None:
+        self.sessions = sessions
+
+    def cart_finished(self, cart_id: int) -> None:
+        pass
+
+    async def claim(self, limit: int, claim: Claim) -> list[FileJob]:
+        async with self.sessions.begin() as session:
+            return await claim(session, None)
+
+
 class FakeStager:
     """Fetches that end at once while `quick`, else wait for `gate`."""
 
-    def __init__(self) -> None:
+    def __init__(self, sessions: SessionFactory) -> None:
         self.settings = SimpleNamespace(transfer_size=1 << 20)
-        self.cache = SimpleNamespace(cart_finished=lambda cart_id: None)
+        self.cache = SoleCache(sessions)
         self.volume = SimpleNamespace(shared=False, streaming_carts=list)
         self.quick = 0  # this many more fetches end at once
         self.gate = asyncio.Event()
@@ -82,7 +97,7 @@ async def test_quick_fetches_claim_ahead_leased_renewed_and_dropped_with_their_c
 ) -> None:
     monkeypatch.setattr(worker_module, "AHEAD_WINDOW_SECONDS", 3600.0)  # a loaded test host
     async with store_sessions(db_url) as sessions:
-        stager = FakeStager()
+        stager = FakeStager(sessions)
         stager.quick = 6
         cart_id = await new_cart(sessions, "ahead", 40)
         worker = Worker(sessions, cast(Stager, stager), 2, LEASE, renew_interval=3600)
@@ -120,7 +135,7 @@ async def test_a_stop_gives_back_the_jobs_claimed_ahead(
     """Other replicas need not wait a whole lease for jobs this one never started."""
     monkeypatch.setattr(worker_module, "AHEAD_WINDOW_SECONDS", 3600.0)
     async with store_sessions(db_url) as sessions:
-        stager = FakeStager()
+        stager = FakeStager(sessions)
         stager.quick = 6
         await new_cart(sessions, "stop", 40)
         worker = Worker(sessions, cast(Stager, stager), 2, LEASE, renew_interval=3600)
@@ -136,7 +151,7 @@ async def test_a_stop_gives_back_the_jobs_claimed_ahead(
 
 async def test_slow_fetches_claim_nothing_ahead(db_url: str) -> None:
     async with store_sessions(db_url) as sessions:
-        stager = FakeStager()
+        stager = FakeStager(sessions)
         await new_cart(sessions, "slow", 10)
         worker = Worker(sessions, cast(Stager, stager), 2, LEASE, renew_interval=3600)
         worker.start()

@@ -10,6 +10,7 @@ file at once" and "a DELETE elsewhere stops the fetch".
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import random
 import time
@@ -22,6 +23,7 @@ import pytest
 import sqlalchemy as sa
 
 from archive_server import ArchiveServer, GetStream
+from cartd.cache import ALLOWANCE
 from cartd.volume_lock import DatabaseBusy, VolumeBusy, serving
 from cartd_proc import Cartd, cartd_env, tar_digests
 from conftest import database, entry, part_files, sync_url, wait_for
@@ -306,3 +308,49 @@ def test_a_replica_cut_off_from_the_database_stops_its_fetches(
         assert replica.proc.poll() is None  # it stops fetching, not living
     finally:
         replica.kill()
+
+
+def promises(db_url: str) -> dict[str, int | None]:
+    """Each file's promised space, by archive id (NULL: none recorded)."""
+    rows = query(db_url, "SELECT archive_id, reserved FROM cart_files")
+    return {str(key): None if value is None else int(str(value)) for key, value in rows}
+
+
+def test_a_claim_promises_its_files_space_that_a_bigger_file_replaces(
+    replicas: Start, archive: ArchiveServer, mariadb_url: str
+) -> None:
+    """On a shared volume with room, the claim itself promises each file ALLOWANCE bytes
+    (other replicas count them at once), so that a small file needs no transaction of its
+    own before its download; a file that proves bigger reserves its real size."""
+    (one,) = replicas(1, **SCALE)
+    small = {f"s{n}": os.urandom(1000) for n in range(3)}
+    for name, data in small.items():
+        archive.add_file(name, data, tape_delay=math.inf)  # claimed, then waits on tape
+    big = os.urandom(3 * MiB)
+    archive.add_file("big", big)
+    archive.get_chunk_delay = 1.0  # the big GET lasts about 3 s
+    files = {**small, "big": big}
+    cart = [entry(name, f"{name}.bin", data) for name, data in files.items()]
+    assert one.post("c", cart).status_code == 201
+    expected = {**dict.fromkeys(small, ALLOWANCE), "big": 3 * MiB}
+    wait_for(lambda: promises(mariadb_url) == expected, "the claim's and the big file's promises")
+    archive.get_chunk_delay = 0.0
+    for name, data in small.items():
+        archive.add_file(name, data)  # the recall finishes
+    assert one.wait_settled("c") == (204, "ready", "")
+    assert promises(mariadb_url) == dict.fromkeys(files)
+    assert tar_digests(one.client.get("/c").content) == {
+        f"{name}.bin": entry("", "", data, "sha256")["hashsum"] for name, data in files.items()
+    }
+
+
+def test_near_its_watermark_a_volume_promises_each_file_its_exact_size(
+    replicas: Start, archive: ArchiveServer, mariadb_url: str
+) -> None:
+    """Claims promise nothing when the allowances would take the volume below its high
+    watermark: every file then reserves its real size once known, as before."""
+    (one,) = replicas(1, cache_high_watermark="100%", **SCALE)
+    archive.add_file("t", b"on tape", tape_delay=math.inf)
+    assert one.post("c", [entry("t", "t.bin", b"on tape")]).status_code == 201
+    wait_for(lambda: archive.count("HEAD", "t") >= 2, "the file to be claimed and polled")
+    assert promises(mariadb_url) == {"t": None}

@@ -202,10 +202,12 @@ class Worker:
         self._ahead = deque(job for job in self._ahead if job.cart_id != cart_id)
 
     async def _claim_files(self, limit: int) -> list[FileJob]:
-        """One claim transaction; a deadlock victim (a cart failing as its files are
-        claimed takes the same rows in the other order) runs again at once."""
-        async with self.sessions.begin() as session:
-            return await store.claim_files(session, limit, self.lease)
+        """One claim transaction (which may promise the files some space, cache.py); a
+        deadlock victim (a cart failing as its files are claimed takes the same rows in
+        the other order) runs again at once."""
+        return await self.stager.cache.claim(
+            limit, lambda session, promise: store.claim_files(session, limit, self.lease, promise)
+        )
 
     async def _keep_leases(self) -> None:
         """Renew, cancel what was lost, requeue what lapsed; forever, every interval."""

@@ -352,8 +352,11 @@ async def _live_carts(session: AsyncSession) -> dict[int, str]:
     return {cart_id: uid for cart_id, uid in rows}
 
 
-async def claim_files(session: AsyncSession, limit: int, lease: Lease) -> list[FileJob]:
-    """Lease up to `limit` waiting files of live carts to this replica, oldest cart first.
+async def claim_files(
+    session: AsyncSession, limit: int, lease: Lease, promise: int | None = None
+) -> list[FileJob]:
+    """Lease up to `limit` waiting files of live carts to this replica, oldest cart first,
+    each promised `promise` bytes of the volume (cache.py decides that).
 
     Live carts are chosen first, so the files of dead carts, however many, are never
     scanned.  The file rows are locked with SKIP LOCKED (MariaDB >= 10.6, MySQL 8): two
@@ -392,7 +395,7 @@ async def claim_files(session: AsyncSession, limit: int, lease: Lease) -> list[F
             updated_at=now,
             lease_owner=lease.owner,
             lease_expires=now + lease.seconds,
-            reserved=None,
+            reserved=promise,
         )
     )
     await session.execute(
