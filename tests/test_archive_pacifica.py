@@ -3,6 +3,7 @@ requests against the test archive."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
@@ -82,3 +83,25 @@ async def test_an_archive_that_stops_answering_times_out_and_frees_its_lane(
         finally:
             await client.aclose()
     assert archive.count("HEAD", "f") == 2
+
+
+async def test_a_request_cancelled_at_any_point_leaves_its_lane_usable(tmp_path: Path) -> None:
+    """httpcore 1.0.9 strands a pool's connection for good when a request is cancelled
+    while the connection is being set up (encode/httpcore#1093); with one connection per
+    lane, the lane's next request then waited forever (a soak run's cart stayed staging).
+    Each step of a fresh lane's first request is cancelled in turn."""
+    with ArchiveServer(tmp_path) as archive:
+        archive.add_file("f", b"four")
+        settings = Settings(archive_concurrency=1, archive_read_timeout=5.0)
+        for steps in range(40):
+            client = PacificaArchive(archive.url, settings)
+            try:
+                doomed = asyncio.create_task(client.stage("f"))
+                for _ in range(steps):
+                    await asyncio.sleep(0)
+                doomed.cancel()
+                await asyncio.gather(doomed, return_exceptions=True)
+                async with asyncio.timeout(3):
+                    await client.stage("f")
+            finally:
+                await client.aclose()

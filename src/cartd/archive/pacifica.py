@@ -10,6 +10,7 @@ import asyncio
 import email.utils
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from urllib.parse import quote
 
 import httpx
@@ -171,23 +172,40 @@ class _Lanes:
     """
 
     def __init__(self, count: int, base_url: str) -> None:
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        self._all = [_transport(base_url, limits) for _ in range(count)]
+        self._new = partial(_transport, base_url, httpx.Limits(max_connections=1))
         self._free: asyncio.LifoQueue[httpx.AsyncBaseTransport] = asyncio.LifoQueue()
-        for lane in self._all:
-            self._free.put_nowait(lane)
+        for _ in range(count):
+            self._free.put_nowait(self._new())
+        self._closing: set[asyncio.Task[None]] = set()
 
     @asynccontextmanager
     async def take(self) -> AsyncIterator[httpx.AsyncBaseTransport]:
+        """A free lane; one whose request failed or was cancelled is replaced.
+
+        httpcore 1.0.9 can strand a pool's connection for good when a request is cancelled
+        while that connection is being set up (encode/httpcore#1093): with one connection
+        per lane, every later request on the lane would wait forever.  Cancellations (a
+        DELETE, a failed sibling) and failures are rare; a fresh lane costs a connect.
+        """
         lane = await self._free.get()
         try:
             yield lane
+        except BaseException:
+            self._retire(lane)
+            lane = self._new()
+            raise
         finally:
             self._free.put_nowait(lane)
 
+    def _retire(self, lane: httpx.AsyncBaseTransport) -> None:
+        closing = asyncio.get_running_loop().create_task(lane.aclose())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
     async def aclose(self) -> None:
-        for lane in self._all:
-            await lane.aclose()
+        while not self._free.empty():
+            await self._free.get_nowait().aclose()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 def _transport(base_url: str, limits: httpx.Limits) -> httpx.AsyncBaseTransport:
