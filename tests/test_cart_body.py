@@ -195,3 +195,42 @@ def test_packed_files_compare_by_contents() -> None:
     assert PackedFiles(FILES[:3]) != PackedFiles(FILES[1:4])
     assert PackedFiles() == PackedFiles([])
     assert NewCart(PackedFiles(FILES[:1])) != NewCart(PackedFiles(FILES[1:2]))
+
+
+# --- the path rules, judged by hashes --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("paths", "clear"),
+    [
+        (["a", "b", "c/d", "c/e/f", "c/e/g"], True),
+        (["a", "a"], False),
+        (["c/d", "x", "c/d"], False),
+        (["a", "a/b"], False),  # a file and a directory of the same name, either order
+        (["a/b/c", "a/b"], False),
+        (["a/b/c", "a"], False),
+        (["ab/c", "a"], True),
+        (["a/bc", "a/b"], True),
+    ],
+)
+def test_paths_clear_by_hash_agrees_with_check_paths(paths: list[str], clear: bool) -> None:
+    assert carts._paths_clear_by_hash(paths) is clear
+    try:
+        carts.check_paths(paths)
+    except ValueError:
+        assert not clear
+    else:
+        assert clear
+
+
+def test_colliding_hashes_fall_back_to_check_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A collision costs the memory the hashes save, never a wrong verdict or the slow path."""
+    monkeypatch.setattr(carts, "hash", lambda _path: 7, raising=False)
+    body = json.dumps({"fileids": [entry(str(n), f"d/{n}") for n in range(5)]}).encode()
+    assert not carts._paths_clear_by_hash([f"d/{n}" for n in range(5)])
+
+    def whole(*args: object) -> None:
+        raise AssertionError("the body was decoded whole")
+
+    monkeypatch.setattr(carts, "_decode", whole)
+    assert len(parse_cart(body, 10).fileids) == 5
