@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ def entry(file_id: Any = "a", path: str = "a.txt", **overrides: Any) -> dict[str
     return {"id": file_id, "path": path, "hashtype": "sha1", "hashsum": SHA1, **overrides}
 
 
-def verdict(body: bytes, max_files: int = 10) -> Any:
+def verdict(body: carts.Body, max_files: int = 10) -> Any:
     """parse_cart's answer: the cart, or the refusal's message."""
     try:
         return parse_cart(body, max_files)
@@ -234,3 +235,12 @@ def test_colliding_hashes_fall_back_to_check_paths(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(carts, "_decode", whole)
     assert len(parse_cart(body, 10).fileids) == 5
+
+
+@pytest.mark.parametrize("body", BODIES)
+def test_a_body_in_a_mapping_gets_the_same_verdict(body: str) -> None:
+    """The API reads a body of declared length into an anonymous mapping."""
+    raw = body.encode("utf-8", "surrogatepass")
+    mapped = mmap.mmap(-1, len(raw))
+    mapped[:] = raw
+    assert verdict(mapped) == document_verdict(raw)

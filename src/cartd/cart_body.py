@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import mmap
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,7 +108,7 @@ class _Window:
 
 
 def scan(
-    body: bytes | bytearray, entry_hook: Callable[[dict[str, Any]], Any], keep: int
+    body: bytes | bytearray | mmap.mmap, entry_hook: Callable[[dict[str, Any]], Any], keep: int
 ) -> Scanned | None:
     """The body's options and entries, or None if it is anything else.
 
@@ -115,7 +116,7 @@ def scan(
     come out of it a NewFile.  Raises ValueError (json's, or UTF-8's) or RecursionError
     where the body is not valid JSON, perhaps only as far as this reading can tell.
     """
-    if json.detect_encoding(body) != "utf-8":
+    if json.detect_encoding(body[:4]) != "utf-8":
         return None  # json.loads also reads UTF-16, UTF-32 and a UTF-8 BOM: leave them to it
     hooked = _scanner(json.JSONDecoder(object_hook=entry_hook))
     with memoryview(body) as view:

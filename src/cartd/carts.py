@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import mmap
 import time
 from bisect import bisect_left
 from collections import Counter
@@ -73,8 +74,10 @@ class Created:
 
 HASH_SLICE = 2000  # entries per json.dumps when fingerprinting a cart
 
+Body = bytes | bytearray | mmap.mmap  # a POST body as the API read it
 
-def parse_cart(body: bytes | bytearray, max_files: int) -> NewCart:
+
+def parse_cart(body: Body, max_files: int) -> NewCart:
     """Decode and validate a POST body; every failure names what is wrong.
 
     A valid body is read an entry at a time (cartd.cart_body), each JSON object judged by
@@ -98,9 +101,9 @@ def _check_count(count: int, max_files: int) -> None:
         raise InvalidCart(f"cart has {count} files; the maximum is {max_files}")
 
 
-def _decode(body: bytes | bytearray, max_files: int) -> dict[str, Any]:
+def _decode(body: Body, max_files: int) -> dict[str, Any]:
     try:
-        document = json.loads(body)
+        document = json.loads(body if isinstance(body, bytes | bytearray) else body[:])
     except (ValueError, RecursionError) as exc:
         raise InvalidCart(f"request body is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
@@ -111,7 +114,7 @@ def _decode(body: bytes | bytearray, max_files: int) -> dict[str, Any]:
     return document
 
 
-def _compact(body: bytes | bytearray, max_files: int) -> NewCart | None:
+def _compact(body: Body, max_files: int) -> NewCart | None:
     """CartRequest's verdict on a valid body, without a model per entry; None if refused.
 
     Every JSON object in fileids that FileEntry accepts is decoded as a NewFile, so the
