@@ -183,6 +183,18 @@ def test_packed_files_read_back_as_they_were_packed() -> None:
     assert list(packed.column(1)) == [f.path for f in FILES]
 
 
+def test_packed_files_hold_entries_longer_than_a_block() -> None:
+    files = [
+        NewFile("a", "x" * 4000, "sha1", SHA1),
+        *FILES[:3],
+        NewFile("b", "y" * 9000, "md5", MD5),
+    ]
+    packed = PackedFiles(files)
+    assert list(packed) == files
+    assert packed[1:4] == files[1:4]
+    assert list(packed.column(1)) == [f.path for f in files]
+
+
 def test_packed_files_index_out_of_range() -> None:
     packed = PackedFiles(FILES[:2])
     with pytest.raises(IndexError):

@@ -14,7 +14,7 @@ import mmap
 import time
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from operator import itemgetter
@@ -133,8 +133,9 @@ def _compact(body: Body, max_files: int) -> NewCart | None:
     try:
         first = [dict(zip(("id", "path", "hashtype", "hashsum"), files[0], strict=True))]
         options = CartRequest.model_validate({**scanned.options, "fileids": first})
-        if not _paths_clear_by_hash(files.column(1)):
-            check_paths(_Column(lambda: files.column(1), len(files)))
+        paths = _Column(lambda: files.column(1), len(files))
+        if not _paths_clear_by_hash(paths):
+            check_paths(paths)
         check_generated(
             _Column(lambda: map(itemgetter(1, 2), files), len(files)),
             manifest=options.manifest,
@@ -145,7 +146,7 @@ def _compact(body: Body, max_files: int) -> NewCart | None:
     return NewCart(files, options.ttl, options.manifest, options.allow_partial)
 
 
-def _paths_clear_by_hash(paths: Iterable[str]) -> bool:
+def _paths_clear_by_hash(paths: Collection[str]) -> bool:
     """True only if check_paths would accept these paths, judged by their hashes.
 
     check_paths keeps every path in a dict to name an offending pair: about 11 MB at
@@ -153,10 +154,10 @@ def _paths_clear_by_hash(paths: Iterable[str]) -> bool:
     than half that.  Equal hashes (a duplicate, or very rarely two paths that collide) or
     a directory with a path's hash give False, and the caller asks check_paths itself.
     """
-    hashes: list[int] = []
+    hashes = [0] * len(paths)  # at its final size: no copies left behind as it grows
     directories: set[str] = set()
-    for path in paths:
-        hashes.append(hash(path))
+    for at, path in enumerate(paths):
+        hashes[at] = hash(path)
         parent, slash, _name = path.rpartition("/")
         while slash and parent not in directories:  # its own parents are in there already
             directories.add(parent)
