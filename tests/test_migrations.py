@@ -231,3 +231,68 @@ def _upgrade_together(db_url: str, tmp_path: Path) -> None:
         "database schema already at " + HEAD,
         "database schema upgraded",
     ]
+
+
+def test_the_head_the_server_checks_for_is_the_newest_migration() -> None:
+    assert migrate.HEAD == HEAD, "a new migration: set cartd.db.migrate.HEAD to its revision"
+
+
+# Run in a process of its own: this one imported Alembic long ago.
+_SERVE_SCHEMA = """
+import asyncio, sys
+from cartd import cli
+from cartd.db import migrate
+from cartd.db.session import create_engine
+from cartd.settings import Settings
+
+settings = Settings(database_url=sys.argv[1], connect_attempts=1)
+accepted, status = cli._prepare_apart(settings)  # cartd serve's policy, in a forked child
+print(accepted, status.state.value, status.revision)
+engine = create_engine(settings)
+print(asyncio.run(migrate.prepare(engine, False)).state.value)  # the app's check at start-up
+asyncio.run(engine.dispose())
+print(sorted({name.split(".")[0] for name in sys.modules} & {"alembic", "mako", "pygments"}))
+"""
+
+
+@pytest.mark.parametrize("auto_migrate", ["0", "1"])
+async def test_serve_applies_the_policy_without_keeping_alembic(
+    tmp_path: Path, auto_migrate: str
+) -> None:
+    """Creating or upgrading the schema happens in a child; the server's own check of a
+    schema at head reads alembic_version alone, so Alembic (~10 MB) never loads in it."""
+    db_url = f"sqlite+aiosqlite:///{tmp_path / 'cartd.db'}"
+    engine = create_engine(Settings(database_url=db_url))
+    await migrate.upgrade(engine)
+    await migrate.downgrade(engine, PREVIOUS if auto_migrate == "1" else "base")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARTD_")}
+    env |= {"CARTD_AUTO_MIGRATE": auto_migrate}
+    done = subprocess.run(
+        [sys.executable, "-c", _SERVE_SCHEMA, db_url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    found = f"True behind {PREVIOUS}" if auto_migrate == "1" else "True empty None"
+    assert done.stdout.splitlines() == [found, "current", "[]"], done.stderr
+    assert (await migrate.status(engine)).state is SchemaState.CURRENT
+    await engine.dispose()
+
+
+def test_serve_says_why_a_database_is_not_usable(tmp_path: Path) -> None:
+    """The policy's child reports a failure by its message, as the server did in-process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARTD_")}
+    env |= {
+        "CARTD_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'missing' / 'cartd.db'}",
+        "CARTD_VOLUME_PATH": str(tmp_path / "volume"),
+        "CARTD_DATABASE_CONNECT_ATTEMPTS": "1",
+    }
+    refused = subprocess.run(
+        [CARTD, "serve", "--port", "0"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 1, refused.stderr
+    # (aiosqlite's worker thread may also print a traceback as the loop closes, as before)
+    reason = "cartd serve: database not usable: (sqlite3.OperationalError) unable to open"
+    assert f"{reason} database file" in refused.stderr.splitlines(), refused.stderr

@@ -10,16 +10,20 @@ import asyncio
 import hashlib
 import json
 import logging
+import mmap
 import time
+from bisect import bisect_left
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from itertools import pairwise
+from operator import itemgetter
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
-from cartd import progress
+from cartd import cart_body, progress
 from cartd.db import store
 from cartd.db.models import Cart, CartFile, CartState, FileState
 from cartd.db.session import SessionFactory
@@ -39,6 +43,7 @@ from cartd.volume import Volume
 from cartd.worker import Worker
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class CartError(Exception):
@@ -69,19 +74,20 @@ class Created:
 
 HASH_SLICE = 2000  # entries per json.dumps when fingerprinting a cart
 
+Body = bytes | bytearray | mmap.mmap  # a POST body as the API read it
 
-def parse_cart(body: bytes | bytearray, max_files: int) -> NewCart:
+
+def parse_cart(body: Body, max_files: int) -> NewCart:
     """Decode and validate a POST body; every failure names what is wrong.
 
-    A valid body's entries become NewFile tuples as they are decoded, each JSON object
-    judged by FileEntry and dropped at once: a 100,000-file cart was 74 MB of FileEntry
-    models, and validating it from the bytes also held pydantic's own parse of them (about
-    40 MB outside Python's heap); a document of dicts would be 44 MB.  Anything that path
-    refuses is decided and explained by the whole model from a plain decode, as before.
+    A valid body is read an entry at a time (cartd.cart_body), each JSON object judged by
+    FileEntry and packed at once: neither a model per entry (74 MB at 100,000 files), nor a
+    document of dicts (44 MB), nor the body's whole decoded text (11 MB beside the body)
+    ever exists.  Anything that path refuses is decided and explained by the whole model
+    from a plain decode, as before.
     """
-    cart = _compact(body)
+    cart = _compact(body, max_files)
     if cart is not None:
-        _check_count(len(cart.fileids), max_files)  # not worth a second decode to say so
         return cart
     document = _decode(body, max_files)
     try:
@@ -95,9 +101,9 @@ def _check_count(count: int, max_files: int) -> None:
         raise InvalidCart(f"cart has {count} files; the maximum is {max_files}")
 
 
-def _decode(body: bytes | bytearray, max_files: int) -> dict[str, Any]:
+def _decode(body: Body, max_files: int) -> dict[str, Any]:
     try:
-        document = json.loads(body)
+        document = json.loads(body if isinstance(body, bytes | bytearray) else body[:])
     except (ValueError, RecursionError) as exc:
         raise InvalidCart(f"request body is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
@@ -108,32 +114,80 @@ def _decode(body: bytes | bytearray, max_files: int) -> dict[str, Any]:
     return document
 
 
-def _compact(body: bytes | bytearray) -> NewCart | None:
+def _compact(body: Body, max_files: int) -> NewCart | None:
     """CartRequest's verdict on a valid body, without a model per entry; None if refused.
 
-    Every JSON object that FileEntry accepts is decoded as a NewFile (JSON itself makes
-    no tuples), so the body is valid if its fileids are all NewFiles, CartRequest accepts
-    its options beside the first entry, and the list passes the model's cross-entry rules.
+    Every JSON object in fileids that FileEntry accepts is decoded as a NewFile, so the
+    body is valid if its fileids are all NewFiles, CartRequest accepts its options beside
+    the first entry, and the list passes the model's cross-entry rules.  A list over the
+    limit is refused for its length whatever else is wrong with it, as `_decode` does.
     """
     try:
-        document = json.loads(body, object_hook=_entry_or_object)
-    except (ValueError, RecursionError):
+        scanned = cart_body.scan(body, _entry_or_object, keep=max_files)
+    except (ValueError, RecursionError):  # JSON or UTF-8, or a shape this scan leaves alone
         return None
-    fileids = document.get("fileids") if isinstance(document, dict) else None
-    if not isinstance(fileids, list) or not all(type(e) is NewFile for e in fileids):
+    if scanned is None:
         return None
+    _check_count(scanned.count, max_files)
+    files = scanned.files
     try:
-        first = [dict(zip(("id", "path", "hashtype", "hashsum"), fileids[0], strict=True))]
-        options = CartRequest.model_validate({**document, "fileids": first})
-        check_paths([entry.path for entry in fileids])
+        first = [dict(zip(("id", "path", "hashtype", "hashsum"), files[0], strict=True))]
+        options = CartRequest.model_validate({**scanned.options, "fileids": first})
+        paths = _Column(lambda: files.column(1), len(files))
+        if not _paths_clear_by_hash(paths):
+            check_paths(paths)
         check_generated(
-            [(entry.path, entry.hashtype) for entry in fileids],
+            _Column(lambda: map(itemgetter(1, 2), files), len(files)),
             manifest=options.manifest,
             allow_partial=options.allow_partial,
         )
     except (ValueError, IndexError):  # ValidationError included; IndexError: no fileids
         return None
-    return NewCart(fileids, options.ttl, options.manifest, options.allow_partial)
+    return NewCart(files, options.ttl, options.manifest, options.allow_partial)
+
+
+def _paths_clear_by_hash(paths: Collection[str]) -> bool:
+    """True only if check_paths would accept these paths, judged by their hashes.
+
+    check_paths keeps every path in a dict to name an offending pair: about 11 MB at
+    100,000 files, beside the body and the packed entries.  Their sorted hashes are less
+    than half that.  Equal hashes (a duplicate, or very rarely two paths that collide) or
+    a directory with a path's hash give False, and the caller asks check_paths itself.
+    """
+    hashes = [0] * len(paths)  # at its final size: no copies left behind as it grows
+    directories: set[str] = set()
+    for at, path in enumerate(paths):
+        hashes[at] = hash(path)
+        parent, slash, _name = path.rpartition("/")
+        while slash and parent not in directories:  # its own parents are in there already
+            directories.add(parent)
+            parent, slash, _name = parent.rpartition("/")
+    hashes.sort()
+    if any(first == second for first, second in pairwise(hashes)):
+        return False
+    for directory in directories:
+        at = bisect_left(hashes, hash(directory))
+        if at < len(hashes) and hashes[at] == hash(directory):
+            return False
+    return True
+
+
+class _Column(Collection[T]):
+    """Values of the packed entries, unpacked as they are read: check_paths and
+    check_generated read every entry twice, and keep only what they need."""
+
+    def __init__(self, read: Callable[[], Iterator[T]], count: int) -> None:
+        self._read = read
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[T]:
+        return self._read()
+
+    def __contains__(self, value: object) -> bool:
+        return any(mine == value for mine in self)
 
 
 def _entry_or_object(value: dict[str, Any]) -> Any:

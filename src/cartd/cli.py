@@ -21,8 +21,11 @@ from cartd import cli_help as pages
 from cartd.settings import Settings, env_sources
 
 if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from cartd.db.migrate import SchemaStatus
     from cartd.db.session import SessionFactory
     from cartd.volume import Volume
 
@@ -36,20 +39,16 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
     from cartd import server
     from cartd.api.auth import AuthConfigError
     from cartd.app import create_app
-    from cartd.db import migrate
     from cartd.db.migrate import SchemaMismatch, SchemaState
 
     given = (("host", args.host), ("port", args.port), ("root_path", args.root_path))
     overrides = {k: v for k, v in given if v is not None}
     settings = Settings(**{**settings.model_dump(), **overrides})  # validates --root-path
-    try:
-        schema = asyncio.run(
-            _with_engine(settings, lambda e: migrate.prepare(e, settings.auto_migrate))
-        )
-    except SchemaMismatch as exc:
-        raise SystemExit(f"cartd serve: {exc}") from None
-    except Exception as exc:
-        raise SystemExit(f"cartd serve: database not usable: {exc}") from None
+    accepted, schema = _prepare_apart(settings)
+    if isinstance(schema, str):
+        raise SystemExit(f"cartd serve: database not usable: {schema}")
+    if not accepted:
+        raise SystemExit(f"cartd serve: {SchemaMismatch(schema)}")
     if schema.state is not SchemaState.CURRENT:
         log.info("database schema upgraded: %s -> %s", schema.revision or "empty", schema.head)
     try:
@@ -57,6 +56,45 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
     except AuthConfigError as exc:  # the operator's fix is in the message, not a traceback
         raise SystemExit(f"cartd serve: {exc}") from None
     server.serve(app, settings, settings.log_level)
+
+
+def _prepare_apart(settings: Settings) -> tuple[bool, SchemaStatus | str]:
+    """Apply the schema policy in a forked child: whether it accepted the schema, and the
+    status it found, or what went wrong.
+
+    Creating or upgrading the schema imports Alembic, Mako and Pygments, about 10 MB that
+    the server would keep for good (modules are never unloaded) and never use again: the
+    app's own check at start-up reads alembic_version without them.  Nothing runs in
+    the server yet (no thread, no event loop), so forking here is safe.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_prepare_in_child, args=(settings, send), name="schema")
+    child.start()
+    send.close()
+    try:
+        outcome: tuple[bool, SchemaStatus | str] = receive.recv()
+    except EOFError:  # the child died without a word
+        outcome = (False, f"the schema check exited with status {child.exitcode}")
+    child.join()
+    return outcome
+
+
+def _prepare_in_child(settings: Settings, send: Connection) -> None:
+    from cartd.db import migrate
+
+    try:
+        status = asyncio.run(
+            _with_engine(settings, lambda e: migrate.prepare(e, settings.auto_migrate))
+        )
+    except migrate.SchemaMismatch as exc:
+        send.send((False, exc.status))
+    except Exception as exc:
+        send.send((False, str(exc)))
+    else:
+        send.send((True, status))
 
 
 def _openapi(args: argparse.Namespace, settings: Settings) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import mmap
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -104,17 +105,39 @@ async def root() -> Message:
     return Message(message="Pacifica Cartd Interface Up and Running")
 
 
-async def _read_body(request: Request, limit: int) -> bytearray:
-    """The body as one buffer, not copied again into bytes (a 100,000-file cart is ~15 MB)."""
+async def _read_body(request: Request, limit: int) -> carts.Body:
+    """The body as one buffer, not copied again into bytes (a 100,000-file cart is ~11 MB)."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"request body larger than {limit} bytes")
+    if declared and declared.isdigit():
+        if int(declared) > limit:
+            raise HTTPException(413, f"request body larger than {limit} bytes")
+        if int(declared) > 0:
+            return await _read_declared(request, int(declared))
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
             raise HTTPException(413, f"request body larger than {limit} bytes")
     return body
+
+
+async def _read_declared(request: Request, size: int) -> carts.Body:
+    """A body of known size, into an anonymous mapping of that size.
+
+    Grown a chunk at a time, a bytearray is copied again and again, and the copies it
+    leaves in the heap stayed resident until the next trim: the 11 MB body of a
+    100,000-file cart briefly cost about 30 MB.  The mapping's pages become resident
+    only as the body arrives (a client that declares much and sends little costs little),
+    and go back to the system as soon as the body is dropped.
+    """
+    body = mmap.mmap(-1, size)
+    received = 0
+    async for chunk in request.stream():
+        if received + len(chunk) > size:  # the server frames the body by its length
+            raise HTTPException(400, "request body longer than its Content-Length")
+        body[received : received + len(chunk)] = chunk
+        received += len(chunk)
+    return body if received == size else body[:received]
 
 
 @router.post(

@@ -19,21 +19,24 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cartd.db.models import Base
 from cartd.db.store import schema_lock
 
+if TYPE_CHECKING:  # imported where used: a server at head never needs them (see _status)
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
 T = TypeVar("T")
+
+# The newest migration's revision: a start-up at head is told from alembic_version alone
+# (tests/test_migrations.py holds it to alembic/versions).
+HEAD = "0005"
 
 
 class SchemaState(enum.Enum):
@@ -85,18 +88,37 @@ class SchemaMismatch(RuntimeError):
 
 
 def scripts() -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config(None))
 
 
 def alembic_config(connection: Connection | None) -> Config:
     """Our migrations, run on `connection` (None: only to read the scripts)."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(files("cartd") / "migrations"))
     config.attributes["connection"] = connection
     return config
 
 
+def _recorded(connection: Connection) -> list[str]:
+    """The revisions in alembic_version, read as Alembic would but without importing it:
+    Alembic and what it loads (Mako, Pygments) are about 10 MB that `cartd serve` would
+    keep for good after a check that finds the schema at head."""
+    if not sa.inspect(connection).has_table("alembic_version"):
+        return []
+    rows = connection.execute(sa.text("SELECT version_num FROM alembic_version"))
+    return [str(revision) for revision in rows.scalars()]
+
+
 def _status(connection: Connection) -> SchemaStatus:
+    if _recorded(connection) == [HEAD]:
+        return SchemaStatus(SchemaState.CURRENT, HEAD, HEAD)
+    from alembic.runtime.migration import MigrationContext
+    from alembic.util import CommandError
+
     script = scripts()
     head = script.get_current_head()
     assert head is not None, "the migrations have no single head"
@@ -119,8 +141,14 @@ def _upgrade(connection: Connection) -> SchemaStatus:
     if status.state in (SchemaState.UNKNOWN, SchemaState.UNVERSIONED):
         raise SchemaMismatch(status)
     if status.state is not SchemaState.CURRENT:
-        command.upgrade(alembic_config(connection), "head")
+        _upgrade_to_head(connection)
     return status
+
+
+def _upgrade_to_head(connection: Connection) -> None:
+    from alembic import command
+
+    command.upgrade(alembic_config(connection), "head")
 
 
 async def status(engine: AsyncEngine) -> SchemaStatus:
@@ -149,7 +177,13 @@ async def upgrade(engine: AsyncEngine) -> SchemaStatus:
 async def downgrade(engine: AsyncEngine, revision: str) -> None:
     """Step the schema back to `revision` (`base` drops every table), for a rollback."""
     async with engine.begin() as conn:
-        await conn.run_sync(_locked, lambda c: command.downgrade(alembic_config(c), revision))
+        await conn.run_sync(_locked, lambda c: _downgrade(c, revision))
+
+
+def _downgrade(connection: Connection, revision: str) -> None:
+    from alembic import command
+
+    command.downgrade(alembic_config(connection), revision)
 
 
 def _prepare(connection: Connection, auto_migrate: bool) -> SchemaStatus:
@@ -157,7 +191,7 @@ def _prepare(connection: Connection, auto_migrate: bool) -> SchemaStatus:
     if status.state is SchemaState.EMPTY or (
         status.state is SchemaState.BEHIND and auto_migrate
     ):
-        command.upgrade(alembic_config(connection), "head")
+        _upgrade_to_head(connection)
     elif status.state is not SchemaState.CURRENT:
         raise SchemaMismatch(status)
     return status
