@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from cartd import cart_body, carts
+from cartd import cart_body, carts, schemas
 from cartd.carts import InvalidCart, parse_cart
 from cartd.schemas import CartRequest, NewCart, NewFile, PackedFiles
 
@@ -227,7 +227,7 @@ def test_packed_files_compare_by_contents() -> None:
     ],
 )
 def test_paths_clear_by_hash_agrees_with_check_paths(paths: list[str], clear: bool) -> None:
-    assert carts._paths_clear_by_hash(paths) is clear
+    assert schemas._clear_by_hash(paths) is clear
     try:
         carts.check_paths(paths)
     except ValueError:
@@ -238,9 +238,9 @@ def test_paths_clear_by_hash_agrees_with_check_paths(paths: list[str], clear: bo
 
 def test_colliding_hashes_fall_back_to_check_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     """A collision costs the memory the hashes save, never a wrong verdict or the slow path."""
-    monkeypatch.setattr(carts, "hash", lambda _path: 7, raising=False)
+    monkeypatch.setattr(schemas, "hash", lambda _path: 7, raising=False)
     body = json.dumps({"fileids": [entry(str(n), f"d/{n}") for n in range(5)]}).encode()
-    assert not carts._paths_clear_by_hash([f"d/{n}" for n in range(5)])
+    assert not schemas._clear_by_hash([f"d/{n}" for n in range(5)])
 
     def whole(*args: object) -> None:
         raise AssertionError("the body was decoded whole")

@@ -12,11 +12,9 @@ import json
 import logging
 import mmap
 import time
-from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
 from operator import itemgetter
 from typing import Any, TypeVar
 
@@ -133,9 +131,7 @@ def _compact(body: Body, max_files: int) -> NewCart | None:
     try:
         first = [dict(zip(("id", "path", "hashtype", "hashsum"), files[0], strict=True))]
         options = CartRequest.model_validate({**scanned.options, "fileids": first})
-        paths = _Column(lambda: files.column(1), len(files))
-        if not _paths_clear_by_hash(paths):
-            check_paths(paths)
+        check_paths(_Column(lambda: files.column(1), len(files)))
         check_generated(
             _Column(lambda: map(itemgetter(1, 2), files), len(files)),
             manifest=options.manifest,
@@ -144,32 +140,6 @@ def _compact(body: Body, max_files: int) -> NewCart | None:
     except (ValueError, IndexError):  # ValidationError included; IndexError: no fileids
         return None
     return NewCart(files, options.ttl, options.manifest, options.allow_partial)
-
-
-def _paths_clear_by_hash(paths: Collection[str]) -> bool:
-    """True only if check_paths would accept these paths, judged by their hashes.
-
-    check_paths keeps every path in a dict to name an offending pair: about 11 MB at
-    100,000 files, beside the body and the packed entries.  Their sorted hashes are less
-    than half that.  Equal hashes (a duplicate, or very rarely two paths that collide) or
-    a directory with a path's hash give False, and the caller asks check_paths itself.
-    """
-    hashes = [0] * len(paths)  # at its final size: no copies left behind as it grows
-    directories: set[str] = set()
-    for at, path in enumerate(paths):
-        hashes[at] = hash(path)
-        parent, slash, _name = path.rpartition("/")
-        while slash and parent not in directories:  # its own parents are in there already
-            directories.add(parent)
-            parent, slash, _name = parent.rpartition("/")
-    hashes.sort()
-    if any(first == second for first, second in pairwise(hashes)):
-        return False
-    for directory in directories:
-        at = bisect_left(hashes, hash(directory))
-        if at < len(hashes) and hashes[at] == hash(directory):
-            return False
-    return True
 
 
 class _Column(Collection[T]):

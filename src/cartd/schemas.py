@@ -6,10 +6,11 @@ import hashlib
 import re
 import sys
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
+from itertools import pairwise
 from typing import Any, NamedTuple, overload
 
 from pydantic import (
@@ -204,8 +205,12 @@ def check_paths(paths: Collection[str]) -> None:
     """No two files share a path and none is another's directory (a tar cannot hold both).
 
     A function rather than only a validator, so carts.parse_cart can run the same rules on
-    the compact entries it keeps instead of the models.
+    the compact entries it keeps instead of the models.  A cart that passes is judged by
+    its paths' hashes alone; only a refusal (or a hash collision) pays for the dict that
+    names the offending pair.
     """
+    if _clear_by_hash(paths):
+        return
     seen: dict[str, int] = {}
     for index, path in enumerate(paths):
         if path in seen:
@@ -220,6 +225,32 @@ def check_paths(paths: Collection[str]) -> None:
                     f"fileids[{seen[parent]}] path {parent!r} is a directory of "
                     f"fileids[{index}] path {path!r}"
                 )
+
+
+def _clear_by_hash(paths: Collection[str]) -> bool:
+    """True only if the paths pass check_paths's rules, judged by their hashes.
+
+    Naming an offending pair takes every path in a dict: about 11 MB at 100,000 files,
+    beside the body and the packed entries.  Their sorted hashes are less than half that.
+    Equal hashes (a duplicate, or very rarely two paths that collide) or a directory with a
+    path's hash give False, and the dict decides.
+    """
+    hashes = [0] * len(paths)  # at its final size: no copies left behind as it grows
+    directories: set[str] = set()
+    for at, path in enumerate(paths):
+        hashes[at] = hash(path)
+        parent, slash, _name = path.rpartition("/")
+        while slash and parent not in directories:  # its own parents are in there already
+            directories.add(parent)
+            parent, slash, _name = parent.rpartition("/")
+    hashes.sort()
+    if any(first == second for first, second in pairwise(hashes)):
+        return False
+    for directory in directories:
+        at = bisect_left(hashes, hash(directory))
+        if at < len(hashes) and hashes[at] == hash(directory):
+            return False
+    return True
 
 
 def check_generated(
