@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cartd import cli
 from cartd.db import migrate
 from cartd.db.migrate import SchemaMismatch, SchemaState
 from cartd.db.models import Base
@@ -241,6 +242,7 @@ def test_the_head_the_server_checks_for_is_the_newest_migration() -> None:
 _SERVE_SCHEMA = """
 import asyncio, sys
 from cartd import cli
+from cartd import cli
 from cartd.db import migrate
 from cartd.db.session import create_engine
 from cartd.settings import Settings
@@ -296,3 +298,12 @@ def test_serve_says_why_a_database_is_not_usable(tmp_path: Path) -> None:
     # (aiosqlite's worker thread may also print a traceback as the loop closes, as before)
     reason = "cartd serve: database not usable: (sqlite3.OperationalError) unable to open"
     assert f"{reason} database file" in refused.stderr.splitlines(), refused.stderr
+
+
+def test_a_schema_check_that_dies_is_reported_with_its_exit_status(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The forked child can die without a word (killed, out of memory): `cartd serve` must
+    then say how it ended, not hang or blame the schema."""
+    monkeypatch.setattr(cli, "_prepare_in_child", lambda _settings, _send: os._exit(3))
+    assert cli._prepare_apart(Settings()) == (False, "the schema check exited with status 3")

@@ -76,8 +76,9 @@ def _prepare_apart(settings: Settings) -> tuple[bool, SchemaStatus | str]:
     send.close()
     try:
         outcome: tuple[bool, SchemaStatus | str] = receive.recv()
-    except EOFError:  # the child died without a word
-        outcome = (False, f"the schema check exited with status {child.exitcode}")
+    except EOFError:  # the child died without a word; its status is known once reaped
+        child.join()
+        return False, f"the schema check exited with status {child.exitcode}"
     child.join()
     return outcome
 
