@@ -8,45 +8,47 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-from collections.abc import AsyncIterator
+import json
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
-from urllib.parse import quote
-
-import httpx
+from urllib.parse import quote, urlsplit
 
 from cartd import __version__
-from cartd.archive.asyncio_transport import AsyncioTransport
+from cartd.archive import http11
 from cartd.archive.base import ArchiveFileError, FileInfo, Media, TransientArchiveError
+from cartd.archive.http11 import Connection, Head, HTTPFailure
 from cartd.settings import Settings
 
-_MEDIA_HEADER = "X-Pacifica-File-Storage-Media"
+_MEDIA_HEADER = "x-pacifica-file-storage-media"
 # No Accept-Encoding: archived science data rarely compresses, and the checksums are of
 # the file's own bytes.
-_HEADERS = {"User-Agent": f"cartd/{__version__}"}
+_USER_AGENT = f"cartd/{__version__}"
+ERROR_TEXT_BYTES = 64 * 1024  # of an error answer's body, for its message
 
 
-def _error_text(response: httpx.Response) -> str:
+def _error_text(head: Head, body: bytes) -> str:
     """The archive's JSON `message` when it sent one (cut short), else the status line."""
     try:
-        message = response.json().get("message")
+        message = json.loads(body).get("message")
     except Exception:
         message = None
     if not message:
-        return f"HTTP {response.status_code} {response.reason_phrase}"
+        return f"HTTP {head.status} {head.reason}".rstrip()
     return str(message)[:500]
 
 
-def _check(response: httpx.Response, file_id: str, verb: str) -> None:
+def _check(head: Head, body: bytes, file_id: str, verb: str) -> None:
     """Map an archive status code onto our two error kinds; 2xx passes."""
-    code = response.status_code
+    code = head.status
     if 200 <= code < 300:
         return
     if code == 404:
         raise ArchiveFileError(f"file {file_id!r} not found in archive")
     if code >= 500 or code in (408, 429):
-        raise TransientArchiveError(f"archive {verb} {file_id!r}: {_error_text(response)}")
-    raise ArchiveFileError(f"archive {verb} {file_id!r}: {_error_text(response)}")
+        raise TransientArchiveError(f"archive {verb} {file_id!r}: {_error_text(head, body)}")
+    raise ArchiveFileError(f"archive {verb} {file_id!r}: {_error_text(head, body)}")
 
 
 def parse_mtime(value: str | None) -> float:
@@ -63,7 +65,8 @@ def parse_mtime(value: str | None) -> float:
         return 0.0
 
 
-def parse_status(headers: httpx.Headers, file_id: str) -> FileInfo:
+def parse_status(headers: Mapping[str, str], file_id: str) -> FileInfo:
+    """From a HEAD's headers, names lower-cased."""
     media_text = headers.get(_MEDIA_HEADER)
     if media_text is None:
         raise ArchiveFileError(f"archive reported no storage media for file {file_id!r}")
@@ -74,144 +77,138 @@ def parse_status(headers: httpx.Headers, file_id: str) -> FileInfo:
             f"archive reported unknown storage media {media_text!r} for file {file_id!r}"
         ) from None
     if media is Media.ERROR:
-        message = headers.get("X-Pacifica-Messsage") or headers.get("X-Pacifica-Message") or ""
+        message = headers.get("x-pacifica-messsage") or headers.get("x-pacifica-message") or ""
         raise ArchiveFileError(
             f"archive reported a media error for file {file_id!r} {message}".strip()
         )
     try:
-        size = int(headers.get("X-Content-Length", ""))
+        size = int(headers.get("x-content-length", ""))
     except ValueError:
         raise ArchiveFileError(f"archive reported no size for file {file_id!r}") from None
-    return FileInfo(size=size, mtime=parse_mtime(headers.get("Last-Modified")), media=media)
+    return FileInfo(size=size, mtime=parse_mtime(headers.get("last-modified")), media=media)
 
 
 class PacificaArchive:
     def __init__(self, base_url: str, settings: Settings) -> None:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
-        timeout = httpx.Timeout(
-            settings.archive_read_timeout, connect=settings.archive_connect_timeout, pool=None
-        )
-        self._extensions = {"timeout": timeout.as_dict()}
-        self._lanes = _Lanes(settings.archive_concurrency, self.base_url)
+        url = urlsplit(self.base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"not an http(s) archive URL: {base_url!r}")
+        self._path = url.path
+        authority = url.netloc.rpartition("@")[2]
+        self._headers = f"Host: {authority}\r\nUser-Agent: {_USER_AGENT}\r\n".encode()
+        tls = ssl.create_default_context() if url.scheme == "https" else None
+        port = url.port or (443 if tls else 80)
+        timeouts = (settings.archive_connect_timeout, settings.archive_read_timeout)
+        connect = partial(http11.connect, url.hostname, port, tls, timeouts)
+        self._lanes = _Lanes(settings.archive_concurrency, connect)
 
-    def _build(self, verb: str, file_id: str) -> httpx.Request:
-        url = self.base_url + quote(file_id, safe="")
-        return httpx.Request(verb, url, headers=_HEADERS, extensions=self._extensions)
-
-    async def _request(self, verb: str, file_id: str) -> httpx.Response:
+    async def _send(self, lane: _Lane, verb: str, file_id: str) -> tuple[Connection, Head]:
+        target = self._path + quote(file_id, safe="")
         try:
-            async with self._lanes.take() as lane:
-                response = await lane.handle_async_request(self._build(verb, file_id))
-                try:
-                    await response.aread()
-                finally:
-                    await response.aclose()
-        except httpx.TransportError as exc:
+            return await lane.exchange(verb, target, self._headers)
+        except HTTPFailure as exc:
             raise TransientArchiveError(f"archive unreachable: {exc!r}") from exc
-        _check(response, file_id, verb)
-        return response
+
+    async def _request(self, verb: str, file_id: str) -> Head:
+        async with self._lanes.take() as lane:
+            connection, head = await self._send(lane, verb, file_id)
+            body = await _read_body(connection)
+        _check(head, body, file_id, verb)
+        return head
 
     async def stage(self, file_id: str) -> None:
         await self._request("POST", file_id)
 
     async def status(self, file_id: str) -> FileInfo:
-        response = await self._request("HEAD", file_id)
-        return parse_status(response.headers, file_id)
+        head = await self._request("HEAD", file_id)
+        return parse_status(head.headers, file_id)
 
     @asynccontextmanager
     async def open(self, file_id: str) -> AsyncIterator[AsyncIterator[bytes]]:
-        async with self._lanes.take() as lane, self._get(lane, file_id) as chunks:
-            yield chunks
-
-    @asynccontextmanager
-    async def _get(
-        self, lane: httpx.AsyncBaseTransport, file_id: str
-    ) -> AsyncIterator[AsyncIterator[bytes]]:
-        try:
-            response = await lane.handle_async_request(self._build("GET", file_id))
-        except httpx.TransportError as exc:
-            raise TransientArchiveError(f"archive unreachable: {exc!r}") from exc
-        try:
-            if response.is_error:
-                try:
-                    await response.aread()
-                except httpx.TransportError as exc:
-                    raise TransientArchiveError(f"archive connection lost: {exc!r}") from exc
-            _check(response, file_id, "GET")
-            yield self._chunks(response)
-        finally:
-            await response.aclose()
-
-    async def _chunks(self, response: httpx.Response) -> AsyncIterator[bytes]:
-        try:
-            # As the socket delivers: re-chunking here would copy every byte once more,
-            # and staging gathers the pieces into batches without joining them.
-            async for chunk in response.aiter_bytes():
-                yield chunk
-        except httpx.TransportError as exc:
-            raise TransientArchiveError(f"archive connection lost mid-file: {exc!r}") from exc
+        async with self._lanes.take() as lane:
+            connection, head = await self._send(lane, "GET", file_id)
+            if not 200 <= head.status < 300:
+                _check(head, await _read_body(connection), file_id, "GET")
+            yield _chunks(connection)
 
     async def aclose(self) -> None:
-        await self._lanes.aclose()
+        self._lanes.close()
+
+
+async def _read_body(connection: Connection) -> bytes:
+    try:
+        return await connection.read(ERROR_TEXT_BYTES)
+    except HTTPFailure as exc:
+        raise TransientArchiveError(f"archive connection lost: {exc!r}") from exc
+
+
+async def _chunks(connection: Connection) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in connection.chunks():
+            yield chunk
+    except HTTPFailure as exc:
+        raise TransientArchiveError(f"archive connection lost mid-file: {exc!r}") from exc
+
+
+class _Lane:
+    """Room for one request at a time, on a connection made when first needed and again
+    after one that cannot be reused (a failure, a cancellation, a body left unread)."""
+
+    def __init__(self, connect: Callable[[], Awaitable[Connection]]) -> None:
+        self._connect = connect
+        self._connection: Connection | None = None
+
+    async def exchange(self, verb: str, target: str, headers: bytes) -> tuple[Connection, Head]:
+        """Send the request; once more on a new connection if a kept-alive one turns out
+        to have been closed by the archive before it saw the request."""
+        for attempt in (1, 2):
+            if self._connection is None:
+                self._connection = await self._connect()
+            try:
+                return self._connection, await self._connection.request(verb, target, headers)
+            except http11.StaleConnection:
+                self.drop()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def drop(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def release(self) -> None:
+        if self._connection is not None and not self._connection.reusable:
+            self.drop()
 
 
 class _Lanes:
-    """`archive_concurrency` httpx transports of one connection each; a request takes a
-    free one.
+    """`archive_concurrency` lanes; a request takes a free one.
 
     Requests queue here for a lane (the reference server corrupts concurrent GETs, so sites
-    running it set 1).  Waiting for a lane is not a fault, so it happens outside httpx's
-    pool timeout and the worker's retry budget.  One client with a pool of that many
-    connections did the same, but httpcore's pool checks every one of its connections for
-    every request it assigns (a socket poll each): with 8 connections, that was a quarter
-    of the client's CPU for small files.  A lane's pool has one connection and one request.
-    Requests go to the transport, not through an `httpx.AsyncClient`: cartd uses none of
-    the client's cookies, auth, redirects or default headers, and skipping that layer cut
-    another fifth of the HTTP CPU per small file.  The last lane given back is the next
-    taken, so a quiet spell keeps few connections warm.
+    running it set 1).  Waiting for a lane is not a fault, so it happens outside the read
+    timeout and the worker's retry budget.  The last lane given back is the next taken,
+    so a quiet spell keeps few connections warm.
     """
 
-    def __init__(self, count: int, base_url: str) -> None:
-        self._new = partial(_transport, base_url, httpx.Limits(max_connections=1))
-        self._free: asyncio.LifoQueue[httpx.AsyncBaseTransport] = asyncio.LifoQueue()
-        for _ in range(count):
-            self._free.put_nowait(self._new())
-        self._closing: set[asyncio.Task[None]] = set()
+    def __init__(self, count: int, connect: Callable[[], Awaitable[Connection]]) -> None:
+        self._all = [_Lane(connect) for _ in range(count)]
+        self._free: asyncio.LifoQueue[_Lane] = asyncio.LifoQueue()
+        for lane in self._all:
+            self._free.put_nowait(lane)
 
     @asynccontextmanager
-    async def take(self) -> AsyncIterator[httpx.AsyncBaseTransport]:
-        """A free lane; one whose request failed or was cancelled is replaced.
-
-        httpcore 1.0.9 can strand a pool's connection for good when a request is cancelled
-        while that connection is being set up (encode/httpcore#1093): with one connection
-        per lane, every later request on the lane would wait forever.  Cancellations (a
-        DELETE, a failed sibling) and failures are rare; a fresh lane costs a connect.
-        """
+    async def take(self) -> AsyncIterator[_Lane]:
+        """A free lane; given back with its connection only if that is reusable (an
+        exchange that failed or was cancelled midway leaves it in an unknown state)."""
         lane = await self._free.get()
         try:
             yield lane
-        except BaseException:
-            self._retire(lane)
-            lane = self._new()
-            raise
         finally:
+            lane.release()
             self._free.put_nowait(lane)
 
-    def _retire(self, lane: httpx.AsyncBaseTransport) -> None:
-        closing = asyncio.get_running_loop().create_task(lane.aclose())
-        self._closing.add(closing)
-        closing.add_done_callback(self._closing.discard)
-
-    async def aclose(self) -> None:
-        while not self._free.empty():
-            await self._free.get_nowait().aclose()
-        await asyncio.gather(*self._closing, return_exceptions=True)
-
-
-def _transport(base_url: str, limits: httpx.Limits) -> httpx.AsyncBaseTransport:
-    """Bare asyncio sockets for a plain-http archive (a large file costs a third less CPU,
-    asyncio_transport.py); httpx's own transport does TLS.  Neither goes through a proxy:
-    the archive interface is reached directly."""
-    if httpx.URL(base_url).scheme == "http":
-        return AsyncioTransport(limits)
-    return httpx.AsyncHTTPTransport(limits=limits)
+    def close(self) -> None:
+        for lane in self._all:
+            lane.drop()
