@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import itertools
 import math
 import os
 import tarfile
@@ -24,7 +25,7 @@ import pytest
 import archive_server
 from archive_server import CHUNK_SIZE as CHUNK
 from archive_server import ArchiveServer
-from cartd import staging
+from cartd import staging, volume
 from conftest import (
     MakeService,
     Service,
@@ -541,6 +542,36 @@ def test_a_written_chunk_leaves_the_reservation_at_once(
     finally:
         archive.get_gate.set()
     assert service.wait_settled("c") == (204, "ready", "")
+
+
+def test_a_large_file_goes_to_disk_as_it_arrives(
+    make_service: Callable[..., Service], archive: ArchiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each big batch starts its own writeback once written, so the fsync that makes the
+    file durable finds little left to write: the ranges tile the file from its start."""
+    calls: list[tuple[int, int, bool]] = []
+    real = staging.start_writeback
+
+    def recording(fd: int, offset: int, length: int) -> bool:
+        accepted = real(fd, offset, length)
+        calls.append((offset, length, accepted))
+        return accepted
+
+    monkeypatch.setattr(staging, "start_writeback", recording)
+    service = make_service(transfer_size=MiB)
+    data = os.urandom(8 * MiB + 12345)
+    archive.add_file("big", data)
+    assert service.post("c", [entry("big", "big.bin", data)]).status_code == 201
+    assert service.wait_settled("c") == (204, "ready", "")
+    assert contents(service, "c")["big.bin"] == data
+    assert calls[0][0] == 0
+    assert all(at + size == after for (at, size, _), (after, _, _) in itertools.pairwise(calls))
+    assert len(data) - MiB < calls[-1][0] + calls[-1][1] <= len(data)  # a short tail need not
+    assert all(accepted for *_, accepted in calls)  # the kernel took every request
+
+
+def test_writeback_is_advisory() -> None:
+    assert not volume.start_writeback(-1, 0, 4096)  # refused: nothing raised
 
 
 def test_a_short_writev_continues_where_it_stopped(
