@@ -1,7 +1,8 @@
-"""HTTP client for the Pacifica archive interface (PROTOCOL.md section 3).
+"""Client of the Pacifica archive interface (PROTOCOL.md section 3) over http11.py.
 
 Classifies every answer into success, transient or file error; the retry loops live in
-staging.py (with retry.py), which knows the deadlines.
+staging.py (with retry.py), which knows the deadlines.  Any failure of the exchange itself
+(no connection, a timeout, a connection cut, broken HTTP) is transient.
 """
 
 from __future__ import annotations
