@@ -21,6 +21,7 @@ class Sizes:
     databases: tuple[str, ...] = ("sqlite", "mariadb")
     linearity: tuple[int, ...] = (1000, 10_000)  # add 100000 with --linearity (slow)
     huge_size: int = 2 * GiB  # the one large file
+    huge_repeat: int = 3  # runs of each step, alternating; the medians make the ratio
     poll_files: int = 10_000  # the cart staging while HEAD is polled
     poll_connections: int = 200
     poll_seconds: float = 10
@@ -48,6 +49,7 @@ SMOKE = replace(
     databases=("sqlite",),  # MariaDB differs only in the URL; the smoke test covers the harness
     linearity=(20,),
     huge_size=8 * MiB,
+    huge_repeat=1,
     poll_files=200,
     poll_connections=20,
     poll_seconds=1,

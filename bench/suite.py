@@ -80,7 +80,7 @@ def run_all(work: Path, files: Files, sizes: Sizes, only: set[str]) -> dict[str,
     results: dict[str, Any] = {}
     steps: dict[str, Callable[[str], Any]] = {
         "download": lambda url: download.run(work, url, files.big[: sizes.big_count], sizes),
-        "bigfile": lambda url: bigfile.run(work, url, files.huge),
+        "bigfile": lambda url: bigfile.run(work, url, files.huge, sizes.huge_repeat),
         "polling": lambda url: {
             "runs": [polling.run(work, url, files.small, db, sizes) for db in sizes.databases]
         },
