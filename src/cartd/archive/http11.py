@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import httptools
 
-READ_SIZE = 256 * 1024  # one socket read; big bodies arrive in pieces up to this size
-HIGH_WATER = 4 * 1024 * 1024  # body bytes held before the socket stops being read
+READ_SIZE = 64 * 1024  # one socket read (bigger ones measured no cheaper for a 512 MiB body)
+HIGH_WATER = 1024 * 1024  # body bytes held before the socket stops being read
 NO_BODY_STATUSES = (204, 304)
 BODY_METHODS = ("POST", "PUT", "PATCH")
 
