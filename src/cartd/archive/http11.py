@@ -1,12 +1,12 @@
-"""HTTP/1.1 to the archive: one keep-alive connection at a time, parsed by httptools.
+"""HTTP/1.1 connections to the archive, parsed by httptools (llhttp, C).
 
 cartd's archive traffic is three small exchanges per file (POST, HEAD, GET) and, now and
-then, a body of many gigabytes.  Through httpx and httpcore, that was the largest share of
-the service's CPU while small files staged: h11 parses and checks every header in Python,
-and httpcore wraps each request in anyio cancel scopes and locks (py-spy, 1,000 small
-files on MariaDB: 42% of the samples that held the GIL).  Here the socket's bytes go from
-an asyncio protocol straight into llhttp (C, the parser uvicorn serves with), and a body
-is handed on in the pieces the socket delivered.
+then, a body of many gigabytes.  Under httpx's own transport, that was the largest share
+of the service's CPU while small files staged: h11 parses and checks every header in
+Python, and httpcore wraps each request in anyio cancel scopes and locks.  Here the
+socket's bytes go from an asyncio protocol straight into llhttp, the parser uvicorn
+serves with, and a body is handed on in the pieces the socket delivered.  transport.py
+puts these connections under httpx's transport interface.
 
 The scope is what PROTOCOL.md section 3 needs and no more: requests without a body;
 responses framed by Content-Length, chunks or the connection's end; keep-alive; TLS by
@@ -28,7 +28,6 @@ import httptools
 READ_SIZE = 64 * 1024  # one socket read (bigger ones measured no cheaper for a 512 MiB body)
 HIGH_WATER = 1024 * 1024  # body bytes held before the socket stops being read
 NO_BODY_STATUSES = (204, 304)
-BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
 class HTTPFailure(Exception):
@@ -36,6 +35,10 @@ class HTTPFailure(Exception):
 
 
 class ConnectFailed(HTTPFailure):
+    pass
+
+
+class ConnectTimeout(ConnectFailed):
     pass
 
 
@@ -81,7 +84,7 @@ async def connect(
                 server_hostname=host if tls else None,
             )
     except TimeoutError:
-        raise ConnectFailed(f"no connection to {host}:{port} within {timeouts[0]:g}s") from None
+        raise ConnectTimeout(f"no connection to {host}:{port} within {timeouts[0]:g}s") from None
     except OSError as exc:
         raise ConnectFailed(f"cannot connect to {host}:{port}: {exc}") from exc
     return connection
@@ -136,16 +139,13 @@ class Connection(asyncio.BufferedProtocol):
         if self._transport is not None:
             self._transport.close()
 
-    async def request(self, method: str, target: str, headers: bytes) -> Head:
-        """Send a request without a body; return once its status and headers are in."""
+    async def request(self, method: str, head: bytes) -> Head:
+        """Send a request without a body (`head`: its request line and headers, ending in
+        a blank line); return once the answer's status line and headers are in."""
         if self._transport is None or self._transport.is_closing():
             raise StaleConnection("the archive closed this connection while it was idle")
         self._start(method)
-        if method in BODY_METHODS:  # an empty body, said so (CherryPy refuses a POST without)
-            headers += b"Content-Length: 0\r\n"
-        self._transport.write(
-            b"%s %s HTTP/1.1\r\n%s\r\n" % (method.encode(), target.encode(), headers)
-        )
+        self._transport.write(head)
         while not self._head_done:
             if self._failure is not None:
                 raise self._failure
