@@ -310,6 +310,31 @@ def test_a_second_answer_to_one_request_retires_the_connection(run: Run) -> None
         assert server.connections == 2
 
 
+@pytest.mark.parametrize("pause", [0.0, 0.05], ids=["one-write", "two-writes"])
+def test_bytes_after_a_head_answer_retire_the_connection(run: Run, pause: float) -> None:
+    """A HEAD's answer has no body whatever its Content-Length says; bytes that follow it
+    anyway would be read as the next answer's start, so the connection is not reused."""
+
+    def head_with_a_body(conn: socket.socket) -> None:
+        read_request(conn)
+        if pause:
+            conn.sendall(head(len(BODY)))
+            time.sleep(pause)  # the answer's head arrives on its own
+            conn.sendall(BODY)
+        else:
+            conn.sendall(head(len(BODY)) + BODY)
+        server.stall()
+
+    async def steps(archive: PacificaArchive) -> list[Any]:
+        size = (await archive.status("f")).size
+        await asyncio.sleep(0.1)  # the stray body reaches us
+        return [size, await read_file(archive)]
+
+    with scripted(head_with_a_body, answer) as server:
+        assert run(using(server.url, steps)) == [len(BODY), BODY]
+        assert server.connections == 2
+
+
 def test_a_body_that_ends_with_the_connection_is_whole(run: Run) -> None:
     """Neither Content-Length nor chunks: the connection's end is the body's end."""
 

@@ -211,7 +211,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         assert self._transport is not None
-        if not self._method:
+        if not self._method or self._complete:
             self._transport.close()  # bytes nobody asked for: the connection is confused
             return
         self._received = True
@@ -266,6 +266,8 @@ class Connection(asyncio.BufferedProtocol):
         self._wake()
 
     def on_body(self, data: bytes) -> None:
+        if self._complete:  # a body to a HEAD, or a 204: the parser raises, we close
+            raise ProtocolFailure("the archive sent a body where none belongs")
         self._body.append(data)
         self._queued += len(data)
         if self._queued >= HIGH_WATER and not self._paused:
