@@ -7,6 +7,7 @@ row instead of overwriting newer state.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -573,59 +574,86 @@ class StagedFile:
     sha256: str | None = None
 
 
-_STAGED = (
-    update(_FILES)
-    .where(_FILES.c.id == bindparam("file_id"), _FILES.c.state == FileState.STAGING)
-    .values(
-        state=FileState.STAGED,
-        size=bindparam("b_size"),
-        mtime=bindparam("b_mtime"),
-        bytes_staged=bindparam("b_size"),
-        error="",
-        crc32=bindparam("b_crc32"),
-        sha256=bindparam("b_sha256"),
-        updated_at=bindparam("now"),
-        lease_owner=None,
-        lease_expires=None,
-        reserved=None,
+STAGED_CHUNK = 50  # rows per UPDATE: 551 parameters, inside SQLite's oldest limit of 999
+# The outcome columns that differ from file to file, in the order of their parameters.
+_STAGED_COLUMNS = ("size", "bytes_staged", "mtime", "crc32", "sha256")
+
+
+@functools.lru_cache(maxsize=2 * STAGED_CHUNK)
+def _staged_sql(rows: int, mark: str) -> str:
+    """One UPDATE for `rows` outcomes: a CASE per column, the rest shared by every row.
+
+    An executemany is one statement per row on aiomysql, each a round trip; a CASE
+    statement built with SQLAlchemy cost more CPU to compile every time than that saved.
+    This text is made once per batch size and handed to the driver as it is, so neither
+    compilation nor a cache key is ever computed for it.  `mark` is the driver's
+    positional placeholder.
+    """
+    whens = " ".join([f"WHEN {mark} THEN {mark}"] * rows)
+    cases = ", ".join(f"{column} = CASE id {whens} END" for column in _STAGED_COLUMNS)
+    marks = ", ".join([mark] * rows)
+    # Only constants and placeholders are spliced in: every value travels as a parameter.
+    return (
+        f"UPDATE {_FILES.name} SET state = '{FileState.STAGED}', error = '',"  # noqa: S608
+        f" lease_owner = NULL, lease_expires = NULL, reserved = NULL,"
+        f" updated_at = {mark}, {cases}"
+        f" WHERE id IN ({marks}) AND state = '{FileState.STAGING}'"
     )
-)
+
+
+def _staged_parameters(outcomes: Sequence[StagedFile], now: float) -> tuple[Any, ...]:
+    """The parameters of `_staged_sql`, in the order of its placeholders."""
+    ids = [o.job.file_id for o in outcomes]
+    sizes = [o.size for o in outcomes]
+    values: dict[str, list[Any]] = {"size": sizes, "bytes_staged": sizes}
+    values["mtime"] = [o.mtime for o in outcomes]
+    values |= {"crc32": [o.crc32 for o in outcomes], "sha256": [o.sha256 for o in outcomes]}
+    cases = [
+        value
+        for column in _STAGED_COLUMNS
+        for pair in zip(ids, values[column], strict=True)
+        for value in pair
+    ]
+    return (now, *cases, *ids)
+
+
+async def _record_staged(session: AsyncSession, outcomes: Sequence[StagedFile], now: float) -> None:
+    """Mark files staged, STAGED_CHUNK rows per statement, in file id order.
+
+    Only rows still `staging` change: a DELETE or a failure that raced the outcome wins.
+    """
+    connection = await session.connection()
+    mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
+    ordered = sorted(outcomes, key=lambda o: o.job.file_id)
+    for start in range(0, len(ordered), STAGED_CHUNK):
+        chunk = ordered[start : start + STAGED_CHUNK]
+        await connection.exec_driver_sql(
+            _staged_sql(len(chunk), mark), _staged_parameters(chunk, now)
+        )
 
 
 async def files_staged(session: AsyncSession, outcomes: Sequence[StagedFile]) -> list[bool]:
     """Record verified files; True for the one outcome per cart that made it ready.
 
-    A batch costs one lock, one executemany and one completion check per cart, where a
-    file at a time cost three statements each: small files finish hundreds per second.
-    Carts are locked in id order, so two batches of stagings cannot deadlock on them.  A
-    group commit that also holds a failure (`file_failed`, cart lock first) or a claim can
-    still meet another replica's in the other order; MariaDB then picks a victim, and the
-    group commit retries each operation alone.
+    A batch costs one lock, one UPDATE per STAGED_CHUNK files and one completion check
+    per cart, where a file at a time cost three statements each: small files finish
+    hundreds per second.  Carts are locked in id order, so two batches of stagings cannot
+    deadlock on them.  A group commit that also holds a failure (`file_failed`, cart lock
+    first) or a claim can still meet another replica's in the other order; MariaDB then
+    picks a victim, and the group commit retries each operation alone.
     """
     if not outcomes:
         return []
     now = time.time()
     carts = sorted({o.job.cart_id for o in outcomes})
     partial = await _lock_carts(session, carts)
-    rows = [_staged_row(o, now) for o in sorted(outcomes, key=lambda o: o.job.file_id)]
-    await session.execute(_STAGED, rows)
+    await _record_staged(session, outcomes, now)
     finished = {cart_id for cart_id in carts if await _finish(session, cart_id, partial, now)}
     results = []
     for outcome in outcomes:
         results.append(outcome.job.cart_id in finished)
         finished.discard(outcome.job.cart_id)  # one caller reports the cart ready
     return results
-
-
-def _staged_row(outcome: StagedFile, now: float) -> dict[str, Any]:
-    return {
-        "file_id": outcome.job.file_id,
-        "b_size": outcome.size,
-        "b_mtime": outcome.mtime,
-        "b_crc32": outcome.crc32,
-        "b_sha256": outcome.sha256,
-        "now": now,
-    }
 
 
 async def _lock_carts(session: AsyncSession, cart_ids: Sequence[int]) -> set[int]:
