@@ -259,3 +259,35 @@ async def test_a_batch_of_outcomes_reports_each_finished_cart_once(db_url: str) 
             assert await store.files_staged(session, [store.StagedFile(jobs[0], 1, 0.0)]) == [True]
             files = await store.cart_files(session, carts[0])
         assert [(f.state, f.size, f.bytes_staged) for f in files] == [("staged", 1, 1)] * 3
+
+
+async def test_a_batch_of_outcomes_writes_each_file_its_own_values(db_url: str) -> None:
+    """More outcomes than one statement carries: every file gets its own size, mtime and
+    digests, and a file that left `staging` meanwhile (requeued, so its fetch no longer
+    counts) keeps its row as it is."""
+    count = store.STAGED_CHUNK + 3
+    async with store_sessions(db_url) as sessions:
+        rows = [(f"f{i}", f"f{i}", "sha1", "0" * 40) for i in range(count)]
+        async with sessions.begin() as session:
+            cart = await store.insert_cart(session, "c", "fingerprint", rows)
+        async with sessions.begin() as session:
+            jobs = await store.claim_files(session, count, store.Lease("test", 60.0))
+        async with sessions.begin() as session:
+            await store.give_back(session, [jobs[5].file_id], store.Lease("test", 60.0))
+        outcomes = [
+            store.StagedFile(job, 10 + i, 100.5 + i, 1000 + i, f"{i:064x}")
+            for i, job in enumerate(jobs)
+        ]
+        async with sessions.begin() as session:
+            finished = await store.files_staged(session, outcomes[::-1])
+            files = await store.cart_files(session, cart.id)
+        assert not any(finished)  # the requeued file is still to fetch
+        expected = [
+            ("staged", 10 + i, 10 + i, 100.5 + i, 1000 + i, f"{i:064x}", None) for i in range(count)
+        ]
+        expected[5] = ("waiting", None, 0, None, None, None, None)
+        got = [
+            (f.state, f.size, f.bytes_staged, f.mtime, f.crc32, f.sha256, f.lease_owner)
+            for f in files
+        ]
+        assert got == expected

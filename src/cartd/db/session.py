@@ -7,7 +7,8 @@ an operator's sqlite3 shell) that may open the file.  Status reads (HEAD) get a 
 read-only connections of their own: under WAL a reader never waits for the writer, so a
 poller no longer queues behind the staging worker's transactions on that one connection.
 MariaDB gets a real pool and READ COMMITTED, so short status reads never wait on a
-long-running staging transaction.
+long-running staging transaction.  Its pool rolls back only connections that come back
+with a transaction open (see `_rollback_if_open`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.pool import PoolResetState
 
 from cartd.settings import Settings
 
@@ -67,15 +69,34 @@ def create_engine(settings: Settings) -> AsyncEngine:
         engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=60)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         pool_size=10,
         max_overflow=10,
         pool_recycle=3600,
         pool_pre_ping=True,
+        pool_reset_on_return=None,  # _rollback_if_open does it, when it is needed
         isolation_level="READ COMMITTED",
         connect_args={"charset": "utf8mb4"},
     )
+    event.listen(engine.sync_engine, "reset", _rollback_if_open)
+    return engine
+
+
+def _rollback_if_open(dbapi_connection: Any, _record: Any, state: PoolResetState) -> None:
+    """Roll back a connection returned to the pool only if the server said, in its last
+    reply, that a transaction is still open.
+
+    The pool's default sends a ROLLBACK for every returned connection, even one whose
+    transaction the session has just committed or rolled back: a round trip per
+    transaction, and most of cartd's transactions are three or four statements long.
+    A connection whose state is unknown (closed) is rolled back as before.
+    """
+    if state.terminate_only or not state.asyncio_safe:
+        return  # the pool closes it rather than reuse it; no I/O is allowed here
+    driver = dbapi_connection.driver_connection
+    if driver.server_status is None or driver.get_transaction_status():
+        dbapi_connection.rollback()
 
 
 READERS = 4

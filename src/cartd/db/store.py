@@ -7,6 +7,7 @@ row instead of overwriting newer state.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -34,6 +35,20 @@ LIVE_CART_STATES = (CartState.WAITING, CartState.STAGING)
 FINISHED_CART_STATES = (CartState.READY, CartState.ERROR)
 UNFINISHED_FILE_STATES = (FileState.WAITING, FileState.STAGING, FileState.ERROR)
 PENDING_FILE_STATES = (FileState.WAITING, FileState.STAGING)  # a partial cart waits for these
+
+# The hot paths (claims, outcomes, the space lock) use Core statements on the tables,
+# built once here: building a statement, and the ORM's execution of it, cost about as
+# much client CPU as the round trip itself on MariaDB.  A statement built once also
+# computes its cache key once.
+_CARTS = Cart.metadata.tables[Cart.__tablename__]
+_FILES = CartFile.metadata.tables[CartFile.__tablename__]
+
+
+def _one_of(column: Any, values: Sequence[str]) -> Any:
+    """`column IN (values)` as ORed comparisons: SQLAlchemy expands a literal IN list
+    into its parameters again on every execution, ORed comparisons are compiled once.
+    Both databases plan them alike."""
+    return or_(*(column == value for value in values))
 
 
 @dataclass(frozen=True)
@@ -244,7 +259,6 @@ async def touch(session: AsyncSession, cart_id: int) -> None:
     )
 
 
-_CARTS = Cart.metadata.tables[Cart.__tablename__]
 _TOUCH = (
     update(_CARTS)
     .where(_CARTS.c.id == bindparam("cart_id"), _CARTS.c.last_used_at < bindparam("used_at"))
@@ -345,11 +359,47 @@ class Lease:
     seconds: float
 
 
-async def _live_carts(session: AsyncSession) -> dict[int, str]:
-    """Live carts' row ids and client ids (log lines of a fetch name the client's id)."""
-    query = select(Cart.id, Cart.uid).where(Cart.state.in_(LIVE_CART_STATES)).order_by(Cart.id)
-    rows = (await session.execute(query.limit(CLAIM_CARTS))).all()
-    return {cart_id: uid for cart_id, uid in rows}
+_LIVE_CARTS = (
+    select(_CARTS.c.id, _CARTS.c.uid, _CARTS.c.state)
+    .where(_one_of(_CARTS.c.state, LIVE_CART_STATES))
+    .order_by(_CARTS.c.id)
+    .limit(CLAIM_CARTS)
+)
+_CLAIMABLE = (
+    select(_FILES.c.id, _FILES.c.cart_id, _FILES.c.archive_id, _FILES.c.hashtype, _FILES.c.hashsum)
+    .where(
+        _FILES.c.state == FileState.WAITING,
+        _FILES.c.cart_id.in_(bindparam("live", expanding=True)),
+    )
+    .order_by(_FILES.c.cart_id, _FILES.c.position)
+    .limit(bindparam("limit"))
+    .with_for_update(skip_locked=True)
+)
+_CLAIM = (
+    update(_FILES)
+    .where(_FILES.c.id.in_(bindparam("ids", expanding=True)), _FILES.c.state == FileState.WAITING)
+    .values(
+        state=FileState.STAGING,
+        attempts=_FILES.c.attempts + 1,
+        updated_at=bindparam("now"),
+        lease_owner=bindparam("owner"),
+        lease_expires=bindparam("expires"),
+        reserved=bindparam("promise"),
+    )
+)
+_START_CARTS = (
+    update(_CARTS)
+    .where(_CARTS.c.id.in_(bindparam("ids", expanding=True)), _CARTS.c.state == CartState.WAITING)
+    .values(state=CartState.STAGING, updated_at=bindparam("now"))
+)
+
+
+async def _live_carts(session: AsyncSession) -> tuple[dict[int, str], set[int]]:
+    """Live carts' row ids and client ids (log lines of a fetch name the client's id),
+    and which of them are still `waiting`."""
+    rows = (await session.execute(_LIVE_CARTS)).all()
+    waiting = {cart_id for cart_id, _uid, state in rows if state == CartState.WAITING}
+    return {cart_id: uid for cart_id, uid, _state in rows}, waiting
 
 
 async def claim_files(
@@ -365,44 +415,21 @@ async def claim_files(
     the worker, which drops jobs of carts it was told to cancel, and on other replicas by
     the lease renewal, which finds the cart deleted.
     """
-    live = await _live_carts(session)
+    live, waiting = await _live_carts(session)
     if not live:
         return []
-    rows = (
-        await session.execute(
-            select(
-                CartFile.id,
-                CartFile.cart_id,
-                CartFile.archive_id,
-                CartFile.hashtype,
-                CartFile.hashsum,
-            )
-            .where(CartFile.state == FileState.WAITING, CartFile.cart_id.in_(list(live)))
-            .order_by(CartFile.cart_id, CartFile.position)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-    ).all()
+    query = {"live": list(live), "limit": limit}
+    rows = (await session.execute(_CLAIMABLE, query)).all()
     if not rows:
         return []
     now = time.time()
-    await session.execute(
-        _update(CartFile)
-        .where(CartFile.id.in_([r[0] for r in rows]), CartFile.state == FileState.WAITING)
-        .values(
-            state=FileState.STAGING,
-            attempts=CartFile.attempts + 1,
-            updated_at=now,
-            lease_owner=lease.owner,
-            lease_expires=now + lease.seconds,
-            reserved=promise,
-        )
-    )
-    await session.execute(
-        _update(Cart)
-        .where(Cart.id.in_({r[1] for r in rows}), Cart.state == CartState.WAITING)
-        .values(state=CartState.STAGING, updated_at=now)
-    )
+    leased = {"now": now, "owner": lease.owner, "expires": now + lease.seconds}
+    ids = [row[0] for row in rows]
+    await session.execute(_CLAIM, {"ids": ids, "promise": promise, **leased})
+    # Only a cart seen `waiting` can need starting: no cart ever goes back to `waiting`,
+    # so for the others the UPDATE would match nothing, at the cost of a round trip.
+    if starting := waiting.intersection(row[1] for row in rows):
+        await session.execute(_START_CARTS, {"ids": sorted(starting), "now": now})
     return [FileJob(*row, cart_uid=live[row[1]]) for row in rows]
 
 
@@ -495,9 +522,24 @@ async def leased_files(session: AsyncSession) -> set[int]:
     return set(result.scalars().all())
 
 
+_LOCK_SPACE = (
+    select(Lock.__table__.c.name).where(Lock.__table__.c.name == "space").with_for_update()
+)
+
+
 async def lock_space(session: AsyncSession) -> None:
     """Serialise space decisions across replicas until this transaction ends."""
-    await session.execute(select(Lock.name).where(Lock.name == "space").with_for_update())
+    await session.execute(_LOCK_SPACE)
+
+
+_UNWRITTEN = _FILES.c.reserved - _FILES.c.bytes_staged
+_PROMISED = select(func.coalesce(func.sum(case((_UNWRITTEN > 0, _UNWRITTEN), else_=0)), 0)).where(
+    _FILES.c.state == FileState.STAGING,
+    _FILES.c.reserved.is_not(None),
+    _FILES.c.lease_owner != bindparam("owner"),
+    _FILES.c.lease_expires.is_not(None),  # the lease has not lapsed
+    _FILES.c.lease_expires >= bindparam("now"),
+)
 
 
 async def promised_elsewhere(session: AsyncSession, owner: str) -> int:
@@ -506,17 +548,7 @@ async def promised_elsewhere(session: AsyncSession, owner: str) -> int:
     Their written bytes come from the progress rows, which lag: the estimate errs on the
     side of less free space, never more.
     """
-    now = time.time()
-    unwritten = CartFile.reserved - CartFile.bytes_staged
-    outstanding = func.sum(case((unwritten > 0, unwritten), else_=0))
-    result = await session.execute(
-        select(func.coalesce(outstanding, 0)).where(
-            CartFile.state == FileState.STAGING,
-            CartFile.reserved.is_not(None),
-            CartFile.lease_owner != owner,
-            ~_lease_lapsed(now),
-        )
-    )
+    result = await session.execute(_PROMISED, {"owner": owner, "now": time.time()})
     return int(result.scalar() or 0)
 
 
@@ -537,7 +569,6 @@ async def record_size(session: AsyncSession, file_id: int, size: int, mtime: flo
 
 # Core, not ORM: an ORM UPDATE given a list of parameters becomes "bulk by primary key",
 # which cannot keep the state condition below.
-_FILES = CartFile.metadata.tables[CartFile.__tablename__]
 _PROGRESS = (
     update(_FILES)
     .where(_FILES.c.id == bindparam("file_id"), _FILES.c.state == FileState.STAGING)
@@ -573,42 +604,80 @@ class StagedFile:
     sha256: str | None = None
 
 
-_STAGED = (
-    update(_FILES)
-    .where(_FILES.c.id == bindparam("file_id"), _FILES.c.state == FileState.STAGING)
-    .values(
-        state=FileState.STAGED,
-        size=bindparam("b_size"),
-        mtime=bindparam("b_mtime"),
-        bytes_staged=bindparam("b_size"),
-        error="",
-        crc32=bindparam("b_crc32"),
-        sha256=bindparam("b_sha256"),
-        updated_at=bindparam("now"),
-        lease_owner=None,
-        lease_expires=None,
-        reserved=None,
+STAGED_CHUNK = 50  # rows per UPDATE: 551 parameters, inside SQLite's oldest limit of 999
+# The outcome columns that differ from file to file, in the order of their parameters.
+_STAGED_COLUMNS = ("size", "bytes_staged", "mtime", "crc32", "sha256")
+
+
+@functools.lru_cache(maxsize=2 * STAGED_CHUNK)
+def _staged_sql(rows: int, mark: str) -> str:
+    """One UPDATE for `rows` outcomes: a CASE per column, the rest shared by every row.
+
+    An executemany is one statement per row on aiomysql, each a round trip; a CASE
+    statement built with SQLAlchemy cost more CPU to compile every time than that saved.
+    This text is made once per batch size and handed to the driver as it is, so neither
+    compilation nor a cache key is ever computed for it.  `mark` is the driver's
+    positional placeholder.
+    """
+    whens = " ".join([f"WHEN {mark} THEN {mark}"] * rows)
+    cases = ", ".join(f"{column} = CASE id {whens} END" for column in _STAGED_COLUMNS)
+    marks = ", ".join([mark] * rows)
+    # Only constants and placeholders are spliced in: every value travels as a parameter.
+    return (
+        f"UPDATE {_FILES.name} SET state = '{FileState.STAGED}', error = '',"  # noqa: S608
+        f" lease_owner = NULL, lease_expires = NULL, reserved = NULL,"
+        f" updated_at = {mark}, {cases}"
+        f" WHERE id IN ({marks}) AND state = '{FileState.STAGING}'"
     )
-)
+
+
+def _staged_parameters(outcomes: Sequence[StagedFile], now: float) -> tuple[Any, ...]:
+    """The parameters of `_staged_sql`, in the order of its placeholders."""
+    ids = [o.job.file_id for o in outcomes]
+    sizes = [o.size for o in outcomes]
+    values: dict[str, list[Any]] = {"size": sizes, "bytes_staged": sizes}
+    values["mtime"] = [o.mtime for o in outcomes]
+    values |= {"crc32": [o.crc32 for o in outcomes], "sha256": [o.sha256 for o in outcomes]}
+    cases = [
+        value
+        for column in _STAGED_COLUMNS
+        for pair in zip(ids, values[column], strict=True)
+        for value in pair
+    ]
+    return (now, *cases, *ids)
+
+
+async def _record_staged(session: AsyncSession, outcomes: Sequence[StagedFile], now: float) -> None:
+    """Mark files staged, STAGED_CHUNK rows per statement, in file id order.
+
+    Only rows still `staging` change: a DELETE or a failure that raced the outcome wins.
+    """
+    connection = await session.connection()
+    mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
+    ordered = sorted(outcomes, key=lambda o: o.job.file_id)
+    for start in range(0, len(ordered), STAGED_CHUNK):
+        chunk = ordered[start : start + STAGED_CHUNK]
+        await connection.exec_driver_sql(
+            _staged_sql(len(chunk), mark), _staged_parameters(chunk, now)
+        )
 
 
 async def files_staged(session: AsyncSession, outcomes: Sequence[StagedFile]) -> list[bool]:
     """Record verified files; True for the one outcome per cart that made it ready.
 
-    A batch costs one lock, one executemany and one completion check per cart, where a
-    file at a time cost three statements each: small files finish hundreds per second.
-    Carts are locked in id order, so two batches of stagings cannot deadlock on them.  A
-    group commit that also holds a failure (`file_failed`, cart lock first) or a claim can
-    still meet another replica's in the other order; MariaDB then picks a victim, and the
-    group commit retries each operation alone.
+    A batch costs one lock, one UPDATE per STAGED_CHUNK files and one completion check
+    per cart, where a file at a time cost three statements each: small files finish
+    hundreds per second.  Carts are locked in id order, so two batches of stagings cannot
+    deadlock on them.  A group commit that also holds a failure (`file_failed`, cart lock
+    first) or a claim can still meet another replica's in the other order; MariaDB then
+    picks a victim, and the group commit retries each operation alone.
     """
     if not outcomes:
         return []
     now = time.time()
     carts = sorted({o.job.cart_id for o in outcomes})
     partial = await _lock_carts(session, carts)
-    rows = [_staged_row(o, now) for o in sorted(outcomes, key=lambda o: o.job.file_id)]
-    await session.execute(_STAGED, rows)
+    await _record_staged(session, outcomes, now)
     finished = {cart_id for cart_id in carts if await _finish(session, cart_id, partial, now)}
     results = []
     for outcome in outcomes:
@@ -617,15 +686,12 @@ async def files_staged(session: AsyncSession, outcomes: Sequence[StagedFile]) ->
     return results
 
 
-def _staged_row(outcome: StagedFile, now: float) -> dict[str, Any]:
-    return {
-        "file_id": outcome.job.file_id,
-        "b_size": outcome.size,
-        "b_mtime": outcome.mtime,
-        "b_crc32": outcome.crc32,
-        "b_sha256": outcome.sha256,
-        "now": now,
-    }
+_LOCK_CARTS = (
+    select(_CARTS.c.id, _CARTS.c.allow_partial)
+    .where(_CARTS.c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_CARTS.c.id)
+    .with_for_update()
+)
 
 
 async def _lock_carts(session: AsyncSession, cart_ids: Sequence[int]) -> set[int]:
@@ -635,29 +701,37 @@ async def _lock_carts(session: AsyncSession, cart_ids: Sequence[int]) -> set[int
     other still `staging`, neither marks the cart ready, and it is stuck forever.  Carts
     are locked in id order, so two transactions never wait for each other's carts.
     """
-    result = await session.execute(
-        select(Cart.id, Cart.allow_partial)
-        .where(Cart.id.in_(cart_ids))
-        .order_by(Cart.id)
-        .with_for_update()
-    )
+    result = await session.execute(_LOCK_CARTS, {"ids": list(cart_ids)})
     return {cart_id for cart_id, allow_partial in result.all() if allow_partial}
+
+
+# A list of states rather than `!= staged`, so the claim index answers it with a few
+# seeks instead of a scan of the whole cart for every file that completes.
+_UNFINISHED = exists().where(
+    _FILES.c.cart_id == bindparam("cart_id"),
+    _one_of(_FILES.c.state, UNFINISHED_FILE_STATES),
+)
+_READY = (
+    update(_CARTS)
+    .where(
+        _CARTS.c.id == bindparam("cart_id"),
+        _one_of(_CARTS.c.state, LIVE_CART_STATES),
+        ~_UNFINISHED,
+    )
+    .values(
+        state=CartState.READY,
+        ready_at=bindparam("now"),
+        last_used_at=bindparam("now"),
+        updated_at=bindparam("now"),
+    )
+)
 
 
 async def _finish(session: AsyncSession, cart_id: int, partial: set[int], now: float) -> bool:
     """Mark the cart finished if no file is left; True if this call did it."""
     if cart_id in partial:
         return await finish_partial(session, cart_id, now)
-    # An IN list rather than `!= staged`, so the claim index answers it with a few seeks
-    # instead of a scan of the whole cart for every file that completes.
-    unfinished = exists().where(
-        and_(CartFile.cart_id == cart_id, CartFile.state.in_(UNFINISHED_FILE_STATES))
-    )
-    result = await session.execute(
-        _update(Cart)
-        .where(Cart.id == cart_id, Cart.state.in_(LIVE_CART_STATES), ~unfinished)
-        .values(state=CartState.READY, ready_at=now, last_used_at=now, updated_at=now)
-    )
+    result = await session.execute(_READY, {"cart_id": cart_id, "now": now})
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
