@@ -120,6 +120,10 @@ async def read_file(archive: PacificaArchive) -> bytes:
         return b"".join([chunk async for chunk in chunks])
 
 
+async def read_twice(archive: PacificaArchive) -> list[bytes]:
+    return [await read_file(archive), await read_file(archive)]
+
+
 async def failure(call: Callable[[], Coroutine[Any, Any, Any]]) -> tuple[BaseException, float]:
     """The transient error `call` raised, its httpx cause, and the seconds it took."""
     started = time.monotonic()
@@ -201,7 +205,7 @@ def test_a_connection_the_archive_closed_while_idle_is_not_reused(run: Run) -> N
         return [first, await read_file(archive)]
 
     with scripted(lambda conn: answer(conn, requests=1)) as server:
-        assert run(using(server.url, steps)) == [BODY, BODY]
+        assert run(using(server.url, read_twice)) == [BODY, BODY]
         assert server.connections == 2
 
 
@@ -215,11 +219,8 @@ def test_a_kept_alive_connection_closed_under_a_request_is_retried_on_a_new_one(
         answer(conn, requests=1)
         read_request(conn)  # and close without a word
 
-    async def steps(archive: PacificaArchive) -> list[bytes]:
-        return [await read_file(archive), await read_file(archive)]
-
     with scripted(one_then_close, answer) as server:
-        assert run(using(server.url, steps)) == [BODY, BODY]
+        assert run(using(server.url, read_twice)) == [BODY, BODY]
         assert server.connections == 2
 
 
@@ -302,11 +303,8 @@ def test_broken_answers_fail_and_the_next_request_starts_afresh(
 
 
 def test_a_second_answer_to_one_request_retires_the_connection(run: Run) -> None:
-    async def steps(archive: PacificaArchive) -> list[bytes]:
-        return [await read_file(archive), await read_file(archive)]
-
     with scripted(answered_twice, answer) as server:
-        assert run(using(server.url, steps)) == [BODY, BODY]
+        assert run(using(server.url, read_twice)) == [BODY, BODY]
         assert server.connections == 2
 
 
@@ -342,11 +340,8 @@ def test_a_body_that_ends_with_the_connection_is_whole(run: Run) -> None:
         read_request(conn)
         conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + BODY)
 
-    async def steps(archive: PacificaArchive) -> list[bytes]:
-        return [await read_file(archive), await read_file(archive)]
-
     with scripted(close_delimited) as server:
-        assert run(using(server.url, steps)) == [BODY, BODY]
+        assert run(using(server.url, read_twice)) == [BODY, BODY]
         assert server.connections == 2
 
 
@@ -361,11 +356,8 @@ def test_chunks_and_an_informational_answer_first(run: Run) -> None:
                 conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
             conn.sendall(b"0\r\n\r\n")
 
-    async def steps(archive: PacificaArchive) -> list[bytes]:
-        return [await read_file(archive), await read_file(archive)]
-
     with scripted(chunked) as server:
-        assert run(using(server.url, steps)) == [BODY, BODY]
+        assert run(using(server.url, read_twice)) == [BODY, BODY]
         assert server.connections == 1
 
 
