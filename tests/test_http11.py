@@ -198,6 +198,28 @@ def test_an_error_answer_keeps_its_connection(run: Run) -> None:
     assert body == BODY
 
 
+def test_a_long_error_answer_is_read_only_as_far_as_its_message(run: Run) -> None:
+    """Only the first 64 KiB of an error's body are read (an archive once sent far more
+    than a message); the rest stays unread, so that connection is not reused."""
+    message = json.dumps({"message": "offline", "trace": "x" * (1 << 20)}).encode()
+
+    def long_error(conn: socket.socket) -> None:
+        read_request(conn)
+        conn.sendall(b"HTTP/1.1 503 Busy\r\nContent-Length: %d\r\n\r\n" % len(message))
+        conn.sendall(message)
+
+    async def steps(archive: PacificaArchive) -> tuple[str, bytes]:
+        with pytest.raises(TransientArchiveError) as busy:
+            await archive.stage("f")
+        return str(busy.value), await read_file(archive)
+
+    with scripted(long_error, answer) as server:
+        text, body = run(using(server.url, steps))
+        assert server.connections == 2
+    assert text.endswith("HTTP 503 Busy")  # the cut JSON is no message: the status line is
+    assert body == BODY
+
+
 def test_a_connection_the_archive_closed_while_idle_is_not_reused(run: Run) -> None:
     async def steps(archive: PacificaArchive) -> list[bytes]:
         first = await read_file(archive)

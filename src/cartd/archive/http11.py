@@ -169,17 +169,6 @@ class Connection(asyncio.BufferedProtocol):
                 raise self._failure
             await self._wait()
 
-    async def read(self, limit: int) -> bytes:
-        """At most `limit` bytes of the body (an error's text); the rest is not read, and
-        the connection is then not reused."""
-        pieces, size = [], 0
-        async for data in self.chunks():
-            pieces.append(data)
-            size += len(data)
-            if size >= limit:
-                break
-        return b"".join(pieces)[:limit]
-
     async def _wait(self) -> None:
         """Until the protocol has news (bytes, the end, a failure), within the read timeout."""
         self._waiter = asyncio.get_running_loop().create_future()

@@ -60,10 +60,11 @@ class LaneTransport(httpx.AsyncBaseTransport):
         lane = await self._free.get()
         try:
             head = await lane.exchange(request.method, _request_head(request))
-        except BaseException as exc:
+        except HTTPFailure as failure:
             self._give_back(lane)
-            if isinstance(exc, HTTPFailure):
-                raise as_httpx_error(exc) from exc
+            raise as_httpx_error(failure) from failure
+        except BaseException:  # a cancellation: the lane drops its half-used connection
+            self._give_back(lane)
             raise
         body = _Body(lane.connection, partial(self._give_back, lane))
         return httpx.Response(
