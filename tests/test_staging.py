@@ -35,7 +35,7 @@ from conftest import (
     volume_files,
     wait_for,
 )
-from test_observability import scrape
+from test_observability import scrape, total
 
 HASH_MISMATCH = "Failed to pull file(File hash does not match provided hash)"
 MiB = 1024 * 1024
@@ -383,6 +383,38 @@ def test_a_verified_file_that_cannot_be_made_durable_fails_its_cart_alone(
     assert service.wait_settled("next") == (204, "ready", "")
     assert get_gauge.peak == 2
     assert contents(service, "next") == {f"{name}.bin": data for name, data in blobs.items()}
+    assert part_files(service.volume) == []
+
+
+def test_a_fetch_cancelled_while_made_durable_waits_for_its_fsync(
+    make_service: Callable[..., Service], archive: ArchiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A verified file's fsync and rename run in a thread that a cancellation (here: a
+    sibling fails the cart) cannot stop.  The fetch must outlive that thread: ending first,
+    it would let the worker report idle, and a DELETE remove the cart's directory, while the
+    `.part` is still on the volume and about to be renamed."""
+    entered, release = threading.Event(), threading.Event()
+    real_commit = staging.commit_file
+
+    def first_commit_held(part: Path, final: Path, mtime: float) -> None:
+        if not entered.is_set():
+            entered.set()
+            release.wait(30)
+        real_commit(part, final, mtime)
+
+    monkeypatch.setattr(staging, "commit_file", first_commit_held)
+    # One slot: "held" is fetched first and hands its slot to "bad" once verified.
+    service = make_service(fetch_concurrency=1)
+    archive.add_file("held", b"verified, then slow to sync")
+    archive.add_file("bad", b"what the archive holds")
+    cart = [entry("held", "held.txt", b"verified, then slow to sync"), entry("bad", "b", b"x")]
+    assert service.post("doomed", cart).status_code == 201
+    assert service.wait_settled("doomed")[:2] == (500, "error")
+    assert entered.is_set()
+    assert len(part_files(service.volume)) == 1  # held's, in its fsync
+    assert total(scrape(service.client), "cartd_fetches_in_flight") == 1
+    release.set()
+    wait_for(lambda: total(scrape(service.client), "cartd_fetches_in_flight") == 0, "idle")
     assert part_files(service.volume) == []
 
 

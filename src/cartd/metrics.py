@@ -112,7 +112,7 @@ class Metrics:
             registry=r,
         )
         self.fetches_in_flight = Gauge(
-            "cartd_fetches_in_flight", "File fetches running in this process", registry=r
+            "cartd_fetches_in_flight", "File fetches not finished yet in this process", registry=r
         )
         self.cache_bytes = Gauge(
             "cartd_cache_bytes",

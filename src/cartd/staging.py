@@ -176,12 +176,37 @@ class Stager:
 
 async def _make_durable(part: Path, final: Path, mtime: float) -> None:
     """fsync and rename; a disk that fails them must not leave the verified bytes behind
-    as a stray part file (the file row records the error, and nothing refers to them)."""
-    try:
-        await asyncio.to_thread(commit_file, part, final, mtime)
-    except Exception:
+    as a stray part file (the file row records the error, and nothing refers to them).
+
+    A cancelled fetch (its cart failed or was deleted) still waits for the thread: were
+    the fetch to end first, the worker would count it done, and a DELETE remove the cart's
+    directory, while the `.part` is still there and about to be renamed.
+    """
+    commit = asyncio.ensure_future(asyncio.to_thread(commit_file, part, final, mtime))
+    interrupted = await _wait_out([commit])
+    failure = commit.exception()
+    if failure is not None:
         part.unlink(missing_ok=True)
-        raise
+    if interrupted:
+        raise asyncio.CancelledError
+    if failure is not None:
+        raise failure
+
+
+async def _wait_out(jobs: list[asyncio.Future[Any]]) -> bool:
+    """Wait until every thread's job is done, through any cancellation; True if one came.
+
+    A thread cannot be stopped, and it uses the file (its descriptor, its name) until it
+    returns: whoever started it must not unwind, and close or remove the file, before then.
+    The caller raises the cancellation once the threads are done.
+    """
+    interrupted = False
+    while not all(job.done() for job in jobs):
+        try:
+            await asyncio.wait(jobs)
+        except asyncio.CancelledError:
+            interrupted = True
+    return interrupted
 
 
 PARALLEL_HASHING = 1 << 20  # a batch at least this big is hashed by several threads
@@ -244,12 +269,15 @@ class _Pipeline:
             self._pending = []
 
     async def settle(self) -> None:
-        """After a failure: the threads must be done with the file before it is closed."""
+        """After a failure: the threads must be done with the file before it is closed
+        (a descriptor closed under a thread's write may by then be another file's)."""
         if self._pending:
-            await asyncio.wait(self._pending)
+            interrupted = await _wait_out(self._pending)
             for job in self._pending:
                 if not job.cancelled():
                     job.exception()  # retrieved: the failure that matters is ours
+            if interrupted:
+                raise asyncio.CancelledError
 
 
 def _each(update: Callable[[bytes], Any], pieces: list[bytes]) -> None:

@@ -120,8 +120,10 @@ class Worker:
 
     @property
     def in_flight(self) -> int:
-        """Fetches running now (a metric)."""
-        return len(self._fetching)
+        """Fetches not yet finished (a metric): downloading, or past their slot and making
+        the file durable or waiting for the outcome's transaction.  Zero means that no
+        fetch will touch the volume again until the next claim."""
+        return len(self._tasks)
 
     @property
     def alive(self) -> bool:
