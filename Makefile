@@ -7,13 +7,13 @@ ARCHIVE_VENV := .venv-archive
 PIP := $(VENV)/bin/pip install --quiet --disable-pip-version-check
 LOCK := requirements/constraints.txt
 
-.PHONY: serve test check lock bench bench-tools proofs clean openapi
+.PHONY: serve test check lock bench bench-tools test-tools proofs clean openapi
 
 serve: $(VENV)/.runtime
 	mkdir -p archive
 	$(VENV)/bin/cartd serve
 
-test: $(VENV)/.test $(ARCHIVE_VENV)/.installed
+test: $(VENV)/.test $(ARCHIVE_VENV)/.installed test-tools
 	$(VENV)/bin/pytest
 
 check: $(VENV)/.test
@@ -58,6 +58,11 @@ bench: $(VENV)/.bench $(ARCHIVE_VENV)/.installed bench-tools
 bench-tools:
 	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v curl >/dev/null || \
 		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx-light wrk curl; }
+
+# The tests check zip bundles with Info-ZIP unzip and bsdtar, and smoke-run the benchmarks.
+test-tools: bench-tools
+	@command -v unzip >/dev/null && command -v bsdtar >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends unzip libarchive-tools; }
 
 $(VENV)/.bench: $(VENV)/.test
 	$(PIP) -c $(LOCK) -e '.[test,bench]'
