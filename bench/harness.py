@@ -151,8 +151,13 @@ def archive(kind: str, root: Path) -> Iterator[str]:
 def cartd(db_url: str, work: Path, archive_url: str, **overrides: str) -> Iterator[Cartd]:
     volume = work / f"volume-{time.monotonic_ns()}"
     env = cartd_env(db_url, volume, archive_url, **overrides)
+    paths = []
     if baseline := os.environ.get("BENCH_CARTD_SRC"):
-        env["PYTHONPATH"] = baseline  # another checkout's src/: before/after comparisons
+        paths.append(baseline)  # another checkout's src/: before/after comparisons
+    if os.environ.get("BENCH_LOOPWATCH"):
+        paths.append(str(Path(__file__).parent / "loopwatch"))  # its sitecustomize.py
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
     service = Cartd(env, work / "cartd.log").wait_up()
     profiler = _profile(service.proc.pid)
     try:
