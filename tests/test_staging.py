@@ -26,6 +26,7 @@ import archive_server
 from archive_server import CHUNK_SIZE as CHUNK
 from archive_server import ArchiveServer
 from cartd import staging, volume
+from cartd.direct_write import DirectWriter
 from conftest import (
     MakeService,
     Service,
@@ -300,9 +301,11 @@ def get_gauge(monkeypatch: pytest.MonkeyPatch) -> InFlight:
     return gauge
 
 
+@pytest.mark.parametrize("direct_write_min", [0, MiB], ids=["page-cache", "direct"])
 def test_delete_during_fetch_cancels_and_cleans_up(
-    service: Service, archive: ArchiveServer, get_gauge: InFlight
+    make_service: MakeService, archive: ArchiveServer, get_gauge: InFlight, direct_write_min: int
 ) -> None:
+    service = make_service(direct_write_min=direct_write_min)
     data = os.urandom(8 * MiB)
     archive.add_file("slow", data)
     archive.get_chunk_delay = 0.5  # 8 chunks: about 4 s per GET
@@ -429,6 +432,38 @@ def test_large_file_is_staged_in_many_transfer_chunks(
     assert service.status("c")["bytes_staged"] == len(data)
     staged = contents(service, "c")["big.bin"]
     assert hashlib.sha256(staged).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_big_files_are_staged_around_the_page_cache_byte_exact(
+    make_service: MakeService, archive: ArchiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files of at least CARTD_DIRECT_WRITE_MIN bytes go through a DirectWriter (O_DIRECT);
+    smaller ones do not.  Either way the staged bytes are exactly the archive's, whatever
+    the size's alignment, and a wrong checksum is still caught."""
+    writers: list[DirectWriter | None] = []
+    real = staging.direct_writer
+
+    def recording(fd: int, capacity: int) -> DirectWriter | None:
+        writers.append(real(fd, capacity))
+        return writers[-1]
+
+    monkeypatch.setattr(staging, "direct_writer", recording)
+    service = make_service(transfer_size=MiB, direct_write_min=MiB)
+    sizes = {"small": MiB - 1, "exact": MiB, "odd": 3 * MiB + 123, "blocks": 2 * MiB + 4096}
+    blobs = {name: os.urandom(size) for name, size in sizes.items()}
+    for name, data in blobs.items():
+        archive.add_file(name, data)
+    archive.add_file("liar", os.urandom(2 * MiB))
+    cart = [entry(name, f"{name}.bin", data, "sha256") for name, data in blobs.items()]
+    assert service.post("c", cart).status_code == 201
+    assert service.wait_settled("c") == (204, "ready", "")
+    assert contents(service, "c") == {f"{name}.bin": data for name, data in blobs.items()}
+    assert len(writers) == 3, "only the three big files get direct writers"
+    assert all(writers), "this volume's file system refused O_DIRECT"
+
+    assert service.post("bad", [entry("liar", "l.bin", os.urandom(2 * MiB))]).status_code == 201
+    assert service.wait_settled("bad") == (500, "error", HASH_MISMATCH)
+    assert part_files(service.volume) == []
 
 
 def test_staged_file_keeps_the_archive_mtime(service: Service, archive: ArchiveServer) -> None:

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     transfer_size: int = Field(
         1024 * 1024, ge=4096, validation_alias=_aliases("TRANSFER_SIZE", "TRANSFER_SIZE")
     )
+    # Files at least this big are written around the page cache (direct_write.py); 0: none.
+    direct_write_min: int = Field(
+        64 * 1024 * 1024, ge=0, validation_alias=_aliases("DIRECT_WRITE_MIN")
+    )
     database_connect_attempts: int = Field(
         10,
         ge=1,

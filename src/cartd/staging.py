@@ -11,7 +11,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -22,6 +22,7 @@ from cartd.archive import Archive, ArchiveFileError, FileInfo, Media, TransientA
 from cartd.cache import NO_SPACE, Cache, NoSpace, Reservation
 from cartd.checksums import Checksums, Hasher
 from cartd.db.store import FileJob
+from cartd.direct_write import DirectWriter, direct_writer
 from cartd.metrics import Metrics
 from cartd.retry import Backoff, retry_transient
 from cartd.settings import Settings
@@ -158,7 +159,9 @@ class Stager:
         hasher = Hasher(job.hashtype, extras=reservation.size <= batch)
         received = 0
         with open(part, "wb", buffering=0) as handle:  # noqa: ASYNC230 - writes run in to_thread
-            pipeline = _Pipeline(handle, hasher, reservation, batch)
+            direct = 0 < self.settings.direct_write_min <= reservation.size
+            writer = direct_writer(handle.fileno(), 2 * batch) if direct else None
+            pipeline = _Pipeline(handle, hasher, reservation, batch, writer)
             try:
                 async with self.archive.open(job.archive_id) as chunks:
                     async for chunk in chunks:
@@ -219,12 +222,20 @@ class _Pipeline:
     joined (a copy of every byte), into batches of `batch` bytes, so that each batch costs
     one thread hop.  Hashing in the loop would stall the archive's TCP stream; beside it,
     it overlaps, and each digest of a big batch gets its own thread.  Batches stay in
-    order: the next one starts only after every part of the previous one is done.
+    order: the next one starts only after every part of the previous one is done.  A big
+    file's batches go to a `DirectWriter`, around the page cache.
     """
 
-    def __init__(self, handle: Any, hasher: Hasher, reservation: Reservation, batch: int) -> None:
+    def __init__(
+        self,
+        handle: Any,
+        hasher: Hasher,
+        reservation: Reservation,
+        batch: int,
+        writer: DirectWriter | None = None,
+    ) -> None:
         self.handle, self.hasher, self.reservation = handle, hasher, reservation
-        self.batch = batch
+        self.batch, self.writer = batch, writer
         self._gathered: list[bytes] = []
         self._size = 0
         self._offset = 0  # where the next batch goes in the file
@@ -240,18 +251,23 @@ class _Pipeline:
         await self._wait()
         pieces, size = self._gathered, self._size
         self._gathered, self._size = [], 0
-        fd, offset = self.handle.fileno(), self._offset
+        self._pending = [asyncio.ensure_future(job) for job in self._jobs(pieces, size)]
         self._offset += size
-        if size < PARALLEL_HASHING:
-            jobs = [asyncio.to_thread(_write_and_hash, fd, self.hasher, pieces)]
-        else:
-            jobs = [asyncio.to_thread(_write_out, fd, pieces, offset, size)]
-            jobs += [asyncio.to_thread(_each, part, pieces) for part in self.hasher.parts()]
-        self._pending = [asyncio.ensure_future(job) for job in jobs]
         # The first job writes: its bytes leave the reservation the moment they are on disk,
         # not when the next batch arrives, which on a slow archive could be much later; the
         # space accounting would count them twice (used on disk, and still promised).
         self._pending[0].add_done_callback(partial(self._credit, size))
+
+    def _jobs(self, pieces: list[bytes], size: int) -> list[Coroutine[Any, Any, None]]:
+        """One batch's work for the threads, the write first."""
+        fd = self.handle.fileno()
+        if self.writer is None and size < PARALLEL_HASHING:
+            return [asyncio.to_thread(_write_and_hash, fd, self.hasher, pieces)]
+        if self.writer is not None:
+            write = asyncio.to_thread(self.writer.write, pieces)
+        else:
+            write = asyncio.to_thread(_write_out, fd, pieces, self._offset, size)
+        return [write, *(asyncio.to_thread(_each, part, pieces) for part in self.hasher.parts())]
 
     def _credit(self, size: int, write: asyncio.Future[None]) -> None:
         if not write.cancelled() and write.exception() is None:
@@ -262,6 +278,9 @@ class _Pipeline:
         if self._gathered:
             await self._submit()
         await self._wait()
+        if self.writer is not None:  # its last partial block
+            self._pending = [asyncio.ensure_future(asyncio.to_thread(self.writer.finish))]
+            await self._wait()
 
     async def _wait(self) -> None:
         if self._pending:
@@ -278,6 +297,8 @@ class _Pipeline:
                     job.exception()  # retrieved: the failure that matters is ours
             if interrupted:
                 raise asyncio.CancelledError
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _each(update: Callable[[bytes], Any], pieces: list[bytes]) -> None:
