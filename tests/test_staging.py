@@ -421,10 +421,12 @@ def test_a_fetch_cancelled_while_made_durable_waits_for_its_fsync(
     assert part_files(service.volume) == []
 
 
+@pytest.mark.parametrize("direct_write_min", [0, MiB], ids=["page-cache", "direct"])
 def test_large_file_is_staged_in_many_transfer_chunks(
-    make_service: Callable[..., Service], archive: ArchiveServer
+    make_service: Callable[..., Service], archive: ArchiveServer, direct_write_min: int
 ) -> None:
-    service = make_service(transfer_size=MiB)
+    """Direct: 20 batches, far more than the pipeline keeps queued for its threads."""
+    service = make_service(transfer_size=MiB, direct_write_min=direct_write_min)
     data = os.urandom(20 * MiB + 12345)
     archive.add_file("big", data)
     assert service.post("c", [entry("big", "big.bin", data, "sha256")]).status_code == 201
@@ -463,6 +465,31 @@ def test_big_files_are_staged_around_the_page_cache_byte_exact(
 
     assert service.post("bad", [entry("liar", "l.bin", os.urandom(2 * MiB))]).status_code == 201
     assert service.wait_settled("bad") == (500, "error", HASH_MISMATCH)
+    assert part_files(service.volume) == []
+
+
+def test_a_direct_write_failing_mid_file_fails_the_file_and_leaves_nothing(
+    make_service: MakeService, archive: ArchiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills while batches are queued for the threads: the failure must reach
+    the cart (as the full-disk message), and the partial file must go."""
+    real_pwrite = os.pwrite
+    calls = itertools.count()
+
+    def full_after_five(fd: int, data: memoryview, offset: int) -> int:
+        if next(calls) >= 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full_after_five)
+    service = make_service(transfer_size=MiB, direct_write_min=MiB)
+    data = os.urandom(12 * MiB)
+    archive.add_file("big", data)
+    assert service.post("c", [entry("big", "big.bin", data)]).status_code == 201
+    code, status, message = service.wait_settled("c")
+    assert (code, status) == (500, "error")
+    assert "space" in message.lower(), message
+    wait_for(lambda: total(scrape(service.client), "cartd_fetches_in_flight") == 0, "idle")
     assert part_files(service.volume) == []
 
 
