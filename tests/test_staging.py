@@ -493,6 +493,31 @@ def test_a_direct_write_failing_mid_file_fails_the_file_and_leaves_nothing(
     assert part_files(service.volume) == []
 
 
+def test_a_direct_write_failing_once_near_the_end_is_not_lost(
+    make_service: MakeService, archive: ArchiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file of fewer batches than the pipeline queues: a failed write is only seen when
+    the last batches are checked, and it must be: the bytes on disk are not the file."""
+    real_pwrite = os.pwrite
+    calls = itertools.count()
+
+    def second_write_fails(fd: int, data: memoryview, offset: int) -> int:
+        if next(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", second_write_fails)
+    service = make_service(transfer_size=MiB, direct_write_min=MiB)
+    data = os.urandom(3 * MiB + 5)
+    archive.add_file("big", data)
+    assert service.post("c", [entry("big", "big.bin", data)]).status_code == 201
+    code, status, message = service.wait_settled("c")
+    assert (code, status) == (500, "error"), message
+    assert "Input/output error" in message
+    wait_for(lambda: total(scrape(service.client), "cartd_fetches_in_flight") == 0, "idle")
+    assert part_files(service.volume) == []
+
+
 def test_staged_file_keeps_the_archive_mtime(service: Service, archive: ArchiveServer) -> None:
     archive.add_file("f", b"old file", mtime=ARCHIVE_MTIME)
     assert service.post("c", [entry("f", "f.txt", b"old file")]).status_code == 201

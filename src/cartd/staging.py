@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -246,10 +246,11 @@ class _Pipeline:
         self._gathered: list[bytes] = []
         self._size = 0
         self._offset = 0  # where the next batch goes in the file
-        self._pending: list[asyncio.Future[None]] = []  # every job not yet seen done
-        self._batches: deque[asyncio.Future[list[None]]] = deque()  # a big file's
+        self._pending: list[asyncio.Future[None]] = []
+        # A big file's batches whose jobs have not been checked yet, oldest first.
+        self._queued: deque[list[asyncio.Future[None]]] = deque()
         streams = 1 + len(hasher.parts()) if writer is not None else 0
-        self._streams = [ThreadPoolExecutor(1) for _ in range(streams)]
+        self._streams = [ThreadPoolExecutor(1, "cartd-stream") for _ in range(streams)]
 
     async def put(self, chunk: bytes) -> None:
         self._gathered.append(chunk)
@@ -257,48 +258,53 @@ class _Pipeline:
         if self._size >= self.batch:
             await self._submit()
 
-    async def _submit(self) -> None:
-        if self.writer is not None:
-            await self._submit_streamed()
-            return
-        await self._wait()
+    def _take(self) -> tuple[list[bytes], int]:
         pieces, size = self._gathered, self._size
         self._gathered, self._size = [], 0
-        self._pending = [asyncio.ensure_future(job) for job in self._jobs(pieces, size)]
+        return pieces, size
+
+    async def _submit(self) -> None:
+        if self.writer is not None:
+            await self._queue(self.writer)
+            return
+        await self._wait()
+        pieces, size = self._take()
+        fd, offset = self.handle.fileno(), self._offset
         self._offset += size
+        if size < PARALLEL_HASHING:
+            jobs = [asyncio.to_thread(_write_and_hash, fd, self.hasher, pieces)]
+        else:
+            jobs = [asyncio.to_thread(_write_out, fd, pieces, offset, size)]
+            jobs += [asyncio.to_thread(_each, part, pieces) for part in self.hasher.parts()]
+        self._pending = [asyncio.ensure_future(job) for job in jobs]
         # The first job writes: its bytes leave the reservation the moment they are on disk,
         # not when the next batch arrives, which on a slow archive could be much later; the
         # space accounting would count them twice (used on disk, and still promised).
         self._pending[0].add_done_callback(partial(self._credit, size))
 
-    def _jobs(self, pieces: list[bytes], size: int) -> list[Coroutine[Any, Any, None]]:
-        """One batch's work for the threads, the write first."""
-        fd = self.handle.fileno()
-        if self.writer is None and size < PARALLEL_HASHING:
-            return [asyncio.to_thread(_write_and_hash, fd, self.hasher, pieces)]
-        if self.writer is not None:
-            write = asyncio.to_thread(self.writer.write, pieces)
-        else:
-            write = asyncio.to_thread(_write_out, fd, pieces, self._offset, size)
-        return [write, *(asyncio.to_thread(_each, part, pieces) for part in self.hasher.parts())]
-
-    async def _submit_streamed(self) -> None:
-        """Queue a big file's batch on its streams' threads; wait only for the oldest
-        batch, and only once IN_FLIGHT are queued.  A failure shows when it is waited for."""
-        assert self.writer is not None
-        while len(self._batches) >= IN_FLIGHT:
-            await asyncio.shield(self._batches.popleft())
-        pieces, size = self._gathered, self._size
-        self._gathered, self._size = [], 0
+    async def _queue(self, writer: DirectWriter) -> None:
+        """Queue a big file's batch on its streams' threads, after checking the oldest
+        batch once IN_FLIGHT are queued."""
+        while len(self._queued) >= IN_FLIGHT:
+            await self._check_oldest()
+        pieces, size = self._take()
         loop = asyncio.get_running_loop()
-        functions: list[Callable[[list[bytes]], None]] = [self.writer.write]
+        functions: list[Callable[[list[bytes]], None]] = [writer.write]
         functions += [partial(_each, part) for part in self.hasher.parts()]
         streams = zip(self._streams, functions, strict=True)
         jobs = [loop.run_in_executor(thread, work, pieces) for thread, work in streams]
-        self._pending = [job for job in self._pending if not job.done()] + jobs
-        self._batches.append(asyncio.gather(*jobs))
-        self._offset += size
         jobs[0].add_done_callback(partial(self._credit, size))
+        self._queued.append(jobs)
+
+    async def _check_oldest(self) -> None:
+        """Wait for the oldest batch and raise its failure; it leaves the queue only once
+        done, so that `settle` still waits for it if this wait is cancelled."""
+        oldest = self._queued[0]
+        await asyncio.wait(oldest)
+        self._queued.popleft()
+        failures = [job.exception() for job in oldest]
+        if (failure := next((f for f in failures if f is not None), None)) is not None:
+            raise failure
 
     def _credit(self, size: int, write: asyncio.Future[None]) -> None:
         if not write.cancelled() and write.exception() is None:
@@ -308,6 +314,8 @@ class _Pipeline:
         """Write what is gathered and wait for it; a cancelled caller leaves it to `settle`."""
         if self._gathered:
             await self._submit()
+        while self._queued:
+            await self._check_oldest()
         await self._wait()
         if self.writer is not None:  # its last partial block
             self._pending = [asyncio.ensure_future(asyncio.to_thread(self.writer.finish))]
@@ -317,25 +325,21 @@ class _Pipeline:
         if self._pending:
             await asyncio.shield(asyncio.gather(*self._pending))
             self._pending = []
-            self._batches.clear()
 
     async def settle(self) -> None:
         """After a failure: the threads must be done with the file before it is closed
         (a descriptor closed under a thread's write may by then be another file's)."""
-        if self._pending:
-            interrupted = await _wait_out(self._pending)
-            for job in self._pending:
-                if not job.cancelled():
-                    job.exception()  # retrieved: the failure that matters is ours
-            if interrupted:
-                raise asyncio.CancelledError
-        for batch in self._batches:
-            if not batch.cancelled():
-                batch.exception()  # its jobs' failures, retrieved above
+        jobs = [*self._pending, *(job for batch in self._queued for job in batch)]
+        interrupted = await _wait_out(jobs)
+        for job in jobs:
+            if not job.cancelled():
+                job.exception()  # retrieved: the failure that matters is ours
         for stream in self._streams:
             stream.shutdown(wait=False)  # idle by now: its thread ends
         if self.writer is not None:
             self.writer.close()
+        if interrupted:
+            raise asyncio.CancelledError
 
 
 def _each(update: Callable[[bytes], Any], pieces: list[bytes]) -> None:
